@@ -1,0 +1,1 @@
+"""Checks: adapter (filled in by the check-catalogue work)."""

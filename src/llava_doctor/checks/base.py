@@ -1,0 +1,95 @@
+"""The check registry: one entry per stable code, each with its doc and its function."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from llava_doctor.models import FixSafety, Severity
+
+if TYPE_CHECKING:
+    from llava_doctor.checks.context import Context
+
+DOC_SECTIONS = ("## What it does", "## Why is this bad?", "## Example", "## Fix")
+
+
+@dataclass(frozen=True)
+class Hit:
+    """What a check function yields: the runner turns it into a `Finding`."""
+
+    message: str
+    path: Any = None
+    evidence: dict[str, Any] = field(default_factory=dict)
+    severity: Severity | None = None  # overrides the check's default (e.g. LD201 warning/error)
+    fix: FixSafety | None = None      # overrides the check's default (e.g. not fixable here)
+
+
+class Skip(Exception):
+    """Raised by a check that cannot run on this target; the reason is reported."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+CheckFn = Callable[["Context"], Iterable[Hit]]
+
+
+@dataclass(frozen=True)
+class CheckSpec:
+    code: str
+    name: str
+    severity: Severity
+    fix: FixSafety
+    doc: str
+    fn: CheckFn
+    summary: str
+    # Checks for files inside a LoRA dir run on every target kind; others only on LoRA kinds.
+    needs_lora: bool = True
+
+    def section(self, heading: str) -> str:
+        """The text under one `## heading` of the doc."""
+        m = re.search(rf"^## {re.escape(heading)}\s*\n(.*?)(?=^## |\Z)", self.doc, re.S | re.M)
+        return m.group(1).strip() if m else ""
+
+
+REGISTRY: dict[str, CheckSpec] = {}
+_CODE = re.compile(r"^LD\d{3}$")
+_NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+
+
+def check(code: str, name: str, severity: Severity, *, fix: FixSafety = FixSafety.none,
+          needs_lora: bool = True) -> Callable[[CheckFn], CheckFn]:
+    """Register a check. Its docstring is the doc (ruff's template)."""
+
+    def deco(fn: CheckFn) -> CheckFn:
+        if not _CODE.match(code) or not _NAME.match(name):
+            raise ValueError(f"bad check code/name {code} {name}")
+        if code in REGISTRY:
+            raise ValueError(f"duplicate check code {code}")
+        doc = _dedent(fn.__doc__ or "")
+        summary = doc.strip().splitlines()[0] if doc.strip() else name
+        REGISTRY[code] = CheckSpec(code=code, name=name, severity=severity, fix=fix, doc=doc,
+                                   fn=fn, summary=summary, needs_lora=needs_lora)
+        return fn
+
+    return deco
+
+
+def _dedent(doc: str) -> str:
+    import inspect
+
+    return inspect.cleandoc(doc)
+
+
+def all_checks() -> dict[str, CheckSpec]:
+    """Every registered check, sorted by code (importing the check modules registers them)."""
+    import llava_doctor.checks.catalog  # noqa: F401  (side effect: registration)
+
+    return dict(sorted(REGISTRY.items()))
+
+
+def get_check(code: str) -> CheckSpec | None:
+    return all_checks().get(code.upper())

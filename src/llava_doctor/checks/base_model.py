@@ -1,0 +1,1 @@
+"""Checks: base_model (filled in by the check-catalogue work)."""

@@ -1,0 +1,11 @@
+"""Importing this module registers every check (one module per concern)."""
+
+from llava_doctor.checks import (  # noqa: F401
+    adapter,
+    base_model,
+    files,
+    internal,
+    layout,
+    preflight,
+    projector,
+)

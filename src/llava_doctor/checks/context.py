@@ -1,0 +1,223 @@
+"""Everything the checks of one target may look at, read lazily and once.
+
+Reading a file that turns out broken records the error (LD501/LD502/LD504 report it) and gives
+the other checks `None`, so one broken file never stops the rest of the run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llava_doctor.artifacts import configs
+from llava_doctor.artifacts.configs import AdapterConfig, GenerationConfig, ModelConfig
+from llava_doctor.artifacts.discovery import (ADAPTER_WEIGHTS, NON_LORA, PROJECTOR, STATE_DIR,
+                                              DirKind, classify)
+from llava_doctor.artifacts.model_dir import ModelDir
+from llava_doctor.artifacts.weights import WeightFile, load_tensors, read_weight_file
+from llava_doctor.errors import DoctorError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the user told us beyond the LoRA dir."""
+
+    base: Path | None = None
+    projector: Path | None = None
+    peft_version: str | None = None
+    fast: bool = False        # headers only: no tensor values read
+    scan_base: bool = False   # also read base tensor values
+    out: Path | None = None   # merge target, for the preflight checks
+
+
+@dataclass
+class Resolved:
+    """A path we found on our own, and how (reported so the user knows what was used)."""
+
+    path: Path | None
+    source: str  # "--base", "adapter_config.json", "hf-cache", "sibling *-pretrain", "none", ...
+    note: str = ""
+
+
+@dataclass
+class Context:
+    path: Path
+    options: Options = field(default_factory=Options)
+    file_errors: dict[Path, DoctorError] = field(default_factory=dict)
+    _tensor_cache: dict[tuple[Path, str], Any] = field(default_factory=dict, repr=False)
+
+    # --- the target -------------------------------------------------------------------------
+    @cached_property
+    def kind(self) -> DirKind:
+        return classify(self.path)
+
+    @cached_property
+    def names(self) -> set[str]:
+        try:
+            return {e.name for e in os.scandir(self.path) if e.name != STATE_DIR}
+        except OSError:
+            return set()
+
+    def file(self, name: str) -> Path | None:
+        return self.path / name if name in self.names else None
+
+    def _read(self, path: Path | None, reader: Any) -> Any:
+        if path is None:
+            return None
+        if path in self.file_errors:
+            return None
+        try:
+            return reader(path)
+        except DoctorError as e:
+            self.file_errors[path] = e
+            return None
+
+    # --- configs -----------------------------------------------------------------------------
+    @cached_property
+    def config(self) -> ModelConfig | None:
+        return self._read(self.file("config.json"), configs.load_model_config)
+
+    @cached_property
+    def adapter_config(self) -> AdapterConfig | None:
+        return self._read(self.file("adapter_config.json"), configs.load_adapter_config)
+
+    @cached_property
+    def adapter_config_raw(self) -> dict[str, Any] | None:
+        return self._read(self.file("adapter_config.json"), configs.read_json)
+
+    # --- weights in the LoRA dir ---------------------------------------------------------------
+    @cached_property
+    def adapter_paths(self) -> list[Path]:
+        return [self.path / n for n in ADAPTER_WEIGHTS if n in self.names]
+
+    @cached_property
+    def adapter_path(self) -> Path | None:
+        """The adapter file peft would load (safetensors first, as peft >= 0.4 does)."""
+        return self.adapter_paths[0] if self.adapter_paths else None
+
+    @cached_property
+    def adapter(self) -> WeightFile | None:
+        return self.weight(self.adapter_path)
+
+    @cached_property
+    def non_lora_path(self) -> Path | None:
+        return self.file(NON_LORA)
+
+    @cached_property
+    def non_lora(self) -> WeightFile | None:
+        return self.weight(self.non_lora_path)
+
+    def weight(self, path: Path | None) -> WeightFile | None:
+        """Header of a weight file, or None (the error is recorded for LD501/502/504)."""
+        return self._read(path, read_weight_file)
+
+    def tensors(self, wf: WeightFile, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Values, cached per file; only after the header (and pickle walk) passed."""
+        wanted = list(wf.tensors) if names is None else names
+        missing = [n for n in wanted if (wf.path, n) not in self._tensor_cache]
+        if missing:
+            for k, v in load_tensors(wf, missing).items():
+                self._tensor_cache[(wf.path, k)] = v
+        return {n: self._tensor_cache[(wf.path, n)] for n in wanted}
+
+    @property
+    def read_values(self) -> bool:
+        return not self.options.fast
+
+    # --- the base model ----------------------------------------------------------------------
+    @cached_property
+    def base_resolved(self) -> Resolved:
+        if self.options.base is not None:
+            return Resolved(self.options.base, "--base")
+        recorded = self.adapter_config.base_model_name_or_path if self.adapter_config else None
+        if recorded:
+            p = Path(recorded).expanduser()
+            if not p.is_absolute():
+                p = (self.path / p) if (self.path / p).is_dir() else p
+            if p.is_dir():
+                return Resolved(p, "adapter_config.json")
+            cached = _hf_cache_lookup(recorded)
+            if cached is not None:
+                return Resolved(cached, "hf-cache", f"{recorded} from the local Hugging Face cache")
+            return Resolved(None, "none", f"adapter_config.json names '{recorded}', which is "
+                            "neither a local directory nor in the local Hugging Face cache")
+        return Resolved(None, "none", "adapter_config.json records no base model")
+
+    @cached_property
+    def base_path(self) -> Path | None:
+        return self.base_resolved.path
+
+    @cached_property
+    def base_config(self) -> ModelConfig | None:
+        if self.base_path is None:
+            return None
+        return self._read(self.base_path / "config.json", configs.load_model_config) \
+            if (self.base_path / "config.json").is_file() else None
+
+    @cached_property
+    def base(self) -> ModelDir | None:
+        if self.base_path is None or not self.base_path.is_dir():
+            return None
+        try:
+            return ModelDir.find(self.base_path)
+        except DoctorError as e:
+            self.file_errors[Path(e.path or self.base_path)] = e
+            return None
+
+    @cached_property
+    def base_generation_config(self) -> GenerationConfig | None:
+        if self.base_path is None:
+            return None
+        p = self.base_path / "generation_config.json"
+        return self._read(p, configs.load_generation_config) if p.is_file() else None
+
+    # --- the stage-1 projector ---------------------------------------------------------------
+    @cached_property
+    def projector_resolved(self) -> Resolved:
+        if self.options.projector is not None:
+            return Resolved(self.options.projector, "--projector")
+        run_dir = self.path.parent if self.kind == DirKind.checkpoint else self.path
+        for parent in (run_dir.parent,):
+            try:
+                cands = sorted(p for p in parent.glob(f"*-pretrain/{PROJECTOR}") if p.is_file())
+            except OSError:
+                cands = []
+            if len(cands) == 1:
+                return Resolved(cands[0], "sibling *-pretrain",
+                                f"using the stage-1 projector {cands[0]} found beside the run")
+            if len(cands) > 1:
+                return Resolved(None, "ambiguous", "several *-pretrain/mm_projector.bin beside "
+                                "the run: pass --projector")
+        return Resolved(None, "none", "no --projector given and no *-pretrain/mm_projector.bin "
+                        "beside the run")
+
+    @cached_property
+    def projector(self) -> WeightFile | None:
+        return self.weight(self.projector_resolved.path)
+
+
+def _hf_cache_lookup(repo_id: str) -> Path | None:
+    """A hub id's snapshot dir in the local Hugging Face cache, offline, via huggingface_hub."""
+    if repo_id.count("/") != 1 or repo_id.startswith(("/", ".", "~")):
+        return None
+    try:
+        from huggingface_hub import scan_cache_dir
+    except ImportError:
+        return None
+    try:
+        info = scan_cache_dir()
+    except Exception:  # no cache dir, unreadable cache: nothing cached
+        return None
+    for repo in info.repos:
+        if repo.repo_id == repo_id and repo.repo_type == "model":
+            revs = sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True)
+            for rev in revs:
+                if (Path(rev.snapshot_path) / "config.json").is_file():
+                    return Path(rev.snapshot_path)
+    return None

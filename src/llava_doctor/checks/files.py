@@ -1,0 +1,150 @@
+"""LD5xx: file integrity. These run after every other check so they see every read error."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from llava_doctor.artifacts.configs import read_json
+from llava_doctor.artifacts.discovery import PROJECTOR
+from llava_doctor.artifacts.tensors import FLOAT_DTYPES
+from llava_doctor.checks.base import Hit, Skip, check
+from llava_doctor.checks.context import Context
+from llava_doctor.errors import FileCorruptError, LfsPointerError, UnsafePickleError
+from llava_doctor.models import Severity
+
+FP16_MAX = 65504.0
+JSON_FILES = ("config.json", "adapter_config.json", "generation_config.json")
+
+
+def read_everything(ctx: Context) -> None:
+    """Read every header this target involves, so that each broken file is recorded once."""
+    for name in JSON_FILES:
+        ctx._read(ctx.file(name), read_json)
+    for p in [*ctx.adapter_paths, ctx.non_lora_path, ctx.file(PROJECTOR),
+              ctx.projector_resolved.path]:
+        ctx.weight(p)
+    _ = ctx.base_config
+    base = ctx.base
+    if base is not None:
+        for prob in base.problems:
+            if prob.kind == "unreadable-shard" and prob.error is not None:
+                ctx.file_errors.setdefault(prob.path, prob.error)
+
+
+def _errors(ctx: Context, cls: type) -> list[tuple[Path, object]]:
+    read_everything(ctx)
+    return sorted(((p, e) for p, e in ctx.file_errors.items() if isinstance(e, cls)),
+                  key=lambda pe: str(pe[0]))
+
+
+@check("LD501", "file-corrupt", Severity.error, needs_lora=False)
+def file_corrupt(ctx: Context) -> Iterable[Hit]:
+    """A weight or config file is structurally broken (truncated, bad header, bad zip, bad JSON).
+
+    ## What it does
+    Validates every safetensors header with all of safetensors' own rules, walks every torch
+    zip/legacy pickle structurally, and parses every JSON config — without reading tensor data.
+
+    ## Why is this bad?
+    The merge fails late with `safetensors_rust.SafetensorError: Error while deserializing
+    header` or `PytorchStreamReader failed reading zip archive: failed finding central
+    directory`, often after minutes of loading.
+
+    ## Example
+    An adapter copied while training was still writing it, or a disk that filled up.
+
+    ## Fix
+    None: re-copy or re-download the file.
+    """
+    for path, err in _errors(ctx, FileCorruptError):
+        assert isinstance(err, FileCorruptError)
+        yield Hit(f"{err.one_line()}", path=path,
+                  evidence={"rule": err.rule, **({"tensor": err.tensor} if err.tensor else {})})
+
+
+@check("LD502", "unsafe-pickle", Severity.error, needs_lora=False)
+def unsafe_pickle(ctx: Context) -> Iterable[Hit]:
+    """A `.bin` pickle references a global that no tensor checkpoint needs. It was not executed.
+
+    ## What it does
+    Walks every pickle opcode by opcode against an allowlist (OrderedDict, torch's rebuild
+    functions, storage types, `torch.Size`, dtypes) without executing anything.
+
+    ## Why is this bad?
+    LLaVA's builder loads `non_lora_trainables.bin` with a plain `torch.load`: a pickle that
+    calls `os.system` runs it on your machine during the merge.
+
+    ## Example
+    A `non_lora_trainables.bin` downloaded from a stranger whose pickle calls `posix.system`.
+
+    ## Fix
+    None: do not load the file; get the weights from a trusted source, preferably safetensors.
+    """
+    for path, err in _errors(ctx, UnsafePickleError):
+        assert isinstance(err, UnsafePickleError)
+        yield Hit(err.one_line(), path=path, evidence={"global": err.global_name})
+
+
+@check("LD503", "dtype-risk", Severity.warning)
+def dtype_risk(ctx: Context) -> Iterable[Hit]:
+    """bf16-trained values that do not fit in float16, the dtype LLaVA's merge writes.
+
+    ## What it does
+    Reads the adapter, `non_lora_trainables.bin` and the stage-1 projector and looks for finite
+    values whose magnitude exceeds float16's maximum (65504). Skipped with `--fast`.
+
+    ## Why is this bad?
+    LLaVA's builder hard-codes float16; such values become `inf` and the merged model produces
+    `probability tensor contains either inf, nan or element < 0`.
+
+    ## Example
+    A projector trained in bf16 whose bias grew past 65504.
+
+    ## Fix
+    None automatic: merge with `llava-doctor merge --dtype bfloat16` (or float32).
+    """
+    if not ctx.read_values:
+        raise Skip("--fast: tensor values are not read")
+    import torch
+
+    for wf in (ctx.adapter, ctx.non_lora, ctx.projector):
+        if wf is None:
+            continue
+        worst: list[tuple[str, float]] = []
+        for name, info in wf.tensors.items():
+            if info.dtype not in FLOAT_DTYPES or info.dtype == "F16" or info.numel == 0:
+                continue
+            t = ctx.tensors(wf, [name])[name]
+            finite = t[torch.isfinite(t)]
+            if finite.numel() and float(finite.abs().max()) > FP16_MAX:
+                worst.append((name, float(finite.abs().max())))
+        if worst:
+            name, mx = max(worst, key=lambda w: w[1])
+            yield Hit(f"{wf.path}: {len(worst)} tensor(s) hold values beyond float16's range, "
+                      f"e.g. '{name}' reaches {mx:.4g} > 65504; a float16 merge (LLaVA's default) "
+                      "turns them into inf. Merge with `llava-doctor merge --dtype bfloat16`",
+                      path=wf.path, evidence={"tensors": [w[0] for w in worst[:20]],
+                                              "max_abs": mx})
+
+
+@check("LD504", "lfs-pointer", Severity.error, needs_lora=False)
+def lfs_pointer(ctx: Context) -> Iterable[Hit]:
+    """A weight file is a Git LFS pointer (a ~130-byte text file), not the weights.
+
+    ## What it does
+    Looks at the first bytes of every weight and config file for the Git LFS pointer spec line
+    `version https://git-lfs.github.com/spec/v1`.
+
+    ## Why is this bad?
+    Cloning a model repository without `git lfs` leaves pointers; loaders then fail with
+    header or zip errors that do not mention LFS.
+
+    ## Example
+    `git clone https://huggingface.co/liuhaotian/llava-v1.5-7b-lora` without git-lfs installed.
+
+    ## Fix
+    None automatic: run `git lfs pull` in the repository the files came from.
+    """
+    for path, err in _errors(ctx, LfsPointerError):
+        yield Hit(err.one_line(), path=path)  # type: ignore[attr-defined]

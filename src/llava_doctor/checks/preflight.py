@@ -1,0 +1,1 @@
+"""Checks: preflight (filled in by the check-catalogue work)."""

@@ -1,0 +1,1 @@
+"""Checks: projector (filled in by the check-catalogue work)."""

@@ -1,0 +1,115 @@
+"""The library entry point for `check`: targets in, one frozen `Report` out."""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from llava_doctor.artifacts.discovery import LORA_KINDS, DirKind
+from llava_doctor.checks.base import CheckSpec, Hit, Skip, all_checks
+from llava_doctor.checks.context import Context, Options
+from llava_doctor.models import (CheckOutcome, CheckStatus, Finding, FixSafety, Report, Severity,
+                                 TargetResult)
+
+INTERNAL = "LD000"
+# File-integrity checks report errors that any other check may have run into, so they run last.
+LATE_PREFIX = "LD5"
+
+
+def selected_checks(select: Iterable[str] | None = None,
+                    ignore: Iterable[str] | None = None) -> list[CheckSpec]:
+    """The checks to run: `select` (codes or prefixes like LD2) minus `ignore`."""
+    checks = all_checks()
+    sel = [s.upper() for s in select] if select else None
+    ign = [s.upper() for s in ignore] if ignore else []
+    out = []
+    for code, spec in checks.items():
+        if code == INTERNAL:
+            continue
+        if sel is not None and not any(code.startswith(s) for s in sel):
+            continue
+        if any(code.startswith(i) for i in ign):
+            continue
+        out.append(spec)
+    return out
+
+
+def _finding(spec: CheckSpec, hit: Hit, target: Path) -> Finding:
+    return Finding(code=spec.code, name=spec.name, severity=hit.severity or spec.severity,
+                   message=hit.message, path=str(hit.path) if hit.path is not None else str(target),
+                   target=str(target), evidence=hit.evidence, fix=hit.fix or spec.fix)
+
+
+def check_target(path: Path, options: Options, checks: Sequence[CheckSpec]
+                 ) -> tuple[TargetResult, list[Finding], Context]:
+    """Run `checks` on one target. A crashing check becomes an LD000 finding; the rest run."""
+    ctx = Context(path=path, options=options)
+    kind = ctx.kind
+    outcomes: dict[str, CheckOutcome] = {}
+    findings: dict[str, list[Finding]] = {}
+    ordered = sorted(checks, key=lambda s: (s.code.startswith(LATE_PREFIX), s.code))
+    for spec in ordered:
+        if kind in (DirKind.missing, DirKind.not_a_dir):
+            outcomes[spec.code] = CheckOutcome(code=spec.code, name=spec.name,
+                                               status=CheckStatus.skipped,
+                                               reason=f"{path} is {kind.value}")
+            continue
+        if spec.needs_lora and kind not in LORA_KINDS:
+            outcomes[spec.code] = CheckOutcome(
+                code=spec.code, name=spec.name, status=CheckStatus.skipped,
+                reason=f"not a LoRA output directory (classified as {kind.value})")
+            continue
+        try:
+            hits = list(spec.fn(ctx))
+        except Skip as s:
+            outcomes[spec.code] = CheckOutcome(code=spec.code, name=spec.name,
+                                               status=CheckStatus.skipped, reason=s.reason)
+            continue
+        except Exception as e:  # a bug in a check: report it, keep going
+            tb = traceback.extract_tb(e.__traceback__)[-1]
+            internal = all_checks()[INTERNAL]
+            findings.setdefault(spec.code, []).append(Finding(
+                code=INTERNAL, name=internal.name, severity=Severity.error,
+                message=(f"check {spec.code} ({spec.name}) crashed on {path}: "
+                         f"{type(e).__name__}: {e}; the other checks still ran. Please report "
+                         "this with the output of `llava-doctor inspect` for the files involved"),
+                path=str(path), target=str(path),
+                evidence={"check": spec.code, "exception": type(e).__name__,
+                          "where": f"{Path(tb.filename).name}:{tb.lineno}"},
+                fix=FixSafety.none))
+            outcomes[spec.code] = CheckOutcome(code=spec.code, name=spec.name,
+                                               status=CheckStatus.crashed,
+                                               reason=f"{type(e).__name__}: {e}")
+            continue
+        findings[spec.code] = [_finding(spec, h, path) for h in hits]
+        outcomes[spec.code] = CheckOutcome(
+            code=spec.code, name=spec.name,
+            status=CheckStatus.failed if hits else CheckStatus.passed)
+    result = TargetResult(path=str(path), kind=kind.value,
+                          checks=[outcomes[c] for c in sorted(outcomes)])
+    flat = [f for code in sorted(findings) for f in findings[code]]
+    return result, flat, ctx
+
+
+def run_checks(paths: Sequence[Path | str], options: Options | None = None, *,
+               select: Iterable[str] | None = None, ignore: Iterable[str] | None = None,
+               jobs: int = 1,
+               on_target: Callable[[Path], None] | None = None) -> Report:
+    """Check every target and return one report (targets in the order given)."""
+    options = options or Options()
+    checks = selected_checks(select, ignore)
+
+    def one(p: Path | str) -> tuple[TargetResult, list[Finding]]:
+        if on_target:
+            on_target(Path(p))
+        result, found, _ = check_target(Path(p), options, checks)
+        return result, found
+
+    if jobs > 1 and len(paths) > 1:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            results = list(pool.map(one, paths))
+    else:
+        results = [one(p) for p in paths]
+    return Report(targets=[r for r, _ in results], findings=[f for _, fs in results for f in fs])

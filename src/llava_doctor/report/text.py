@@ -1,0 +1,64 @@
+"""The human report: one block per target, one line per finding, the remedy under it."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+from llava_doctor.models import CheckStatus, Report, Severity
+
+_MARK = {Severity.error: "✗", Severity.warning: "!", Severity.info: "•"}
+_COLOR = {Severity.error: "31", Severity.warning: "33", Severity.info: "36"}
+
+
+def _c(text: str, code: str, color: bool) -> str:
+    return f"\x1b[{code}m{text}\x1b[0m" if color else text
+
+
+def _rel(p: str | None) -> str:
+    if p is None:
+        return ""
+    try:
+        r = os.path.relpath(p)
+        return r if not r.startswith("../../..") else p
+    except ValueError:
+        return p
+
+
+def render_text(report: Report, *, color: bool = False, verbose: bool = False,
+                **_: object) -> str:
+    """Plain text (ANSI colours when `color`), grouped by target."""
+    lines: list[str] = []
+    width = 100
+    for target in report.targets:
+        found = [f for f in report.findings if f.target == target.path]
+        lines.append(_c(f"{target.path}", "1", color) + f"  ({target.kind})")
+        for f in found:
+            mark = _c(_MARK[f.severity], _COLOR[f.severity], color)
+            where = _rel(f.path)
+            lines.append(f"  {mark} {_c(f.code, _COLOR[f.severity], color)} {f.name}  {where}")
+            for ln in textwrap.wrap(f.message, width - 6):
+                lines.append(f"      {ln}")
+            if f.fix.value != "none":
+                lines.append(f"      fix: {f.fix.value} — run `llava-doctor fix`"
+                             + (" --unsafe" if f.fix.value == "unsafe" else ""))
+        by = {s: 0 for s in CheckStatus}
+        for o in target.checks:
+            by[o.status] += 1
+        summary = (f"  {_c('✓', '32', color)} {by[CheckStatus.passed]} checks passed, "
+                   f"{by[CheckStatus.failed]} failed, {by[CheckStatus.skipped]} skipped")
+        if by[CheckStatus.crashed]:
+            summary += f", {by[CheckStatus.crashed]} crashed"
+        lines.append(summary)
+        if verbose:
+            for o in target.checks:
+                if o.status == CheckStatus.skipped:
+                    lines.append(f"      - {o.code} {o.name} skipped: {o.reason}")
+        lines.append("")
+    c = report.counts
+    if report.findings:
+        lines.append(f"Found {c['error']} error(s), {c['warning']} warning(s), {c['info']} info "
+                     f"in {len(report.targets)} target(s).")
+    else:
+        lines.append(f"No issues found in {len(report.targets)} target(s).")
+    return "\n".join(lines) + "\n"
