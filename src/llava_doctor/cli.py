@@ -168,6 +168,18 @@ def demo(
     raise typer.Exit(code)
 
 
+def _register_commands() -> None:
+    import importlib
+
+    from llava_doctor.commands import COMMAND_MODULES
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"llava_doctor.commands.{name}").register(app)
+
+
+_register_commands()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: expected failures are one line; tracebacks only with a debug var."""
     try:
