@@ -93,9 +93,10 @@ def parse_safetensors_header(head: bytes, file_size: int, path: Path | str) -> S
                 raise bad("invalid-metadata", "__metadata__ must map strings to strings")
             metadata = dict(info)
             continue
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        # Like serde in safetensors: the three fields are required, unknown extra fields ignored.
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
             raise bad("invalid-tensor-info",
-                      f"tensor '{name}' must have exactly dtype, shape and data_offsets",
+                      f"tensor '{name}' must have dtype, shape and data_offsets",
                       tensor=name)
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
