@@ -93,3 +93,13 @@ def all_checks() -> dict[str, CheckSpec]:
 
 def get_check(code: str) -> CheckSpec | None:
     return all_checks().get(code.upper())
+
+
+def codes_table_markdown() -> str:
+    """The README's table of check codes, generated from the registry (a test keeps it in sync)."""
+    rows = ["| code | name | severity | fix | what it catches |", "|---|---|---|---|---|"]
+    for spec in all_checks().values():
+        summary = spec.summary.replace("|", "\\|")
+        rows.append(f"| {spec.code} | `{spec.name}` | {spec.severity.value} | {spec.fix.value} "
+                    f"| {summary} |")
+    return "\n".join(rows) + "\n"
