@@ -28,12 +28,12 @@ def run_demo(workdir: Path | None, out: TextIO, color: bool = False) -> int:
         base = paths["base-vicuna"]
         steps = [
             ("A healthy LoRA run (vicuna base, stage-1 projector beside it)",
-             paths["llava-v1.5-tiny-lora"]),
+             paths["lora"]),
             ("A Trainer checkpoint-N: no config.json, no non_lora_trainables.bin",
-             paths["broken-checkpoint"]),
-            ("Only non_lora_trainables.bin was copied", paths["broken-only-non-lora"]),
+             paths["checkpoint-50"]),
+            ("Only non_lora_trainables.bin was copied", paths["LD102-only-non-lora"]),
             ("A non_lora_trainables.bin whose pickle calls os.system (never executed)",
-             paths["broken-unsafe-pickle"]),
+             paths["LD502-malicious-pickle"]),
         ]
         ok = True
         for title, target in steps:
@@ -41,7 +41,7 @@ def run_demo(workdir: Path | None, out: TextIO, color: bool = False) -> int:
                       f"{base.relative_to(root)}\n# {title}\n")
             report = run_checks([target], Options(base=base))
             out.write(render_text(report, color=color))
-            healthy = target == paths["llava-v1.5-tiny-lora"]
+            healthy = target == paths["lora"]
             ok &= (report.exit_code() == 0) if healthy else (report.exit_code() == 1)
         out.write(f"\nDemo artifacts in {root}" + (" (temporary, removed)" if tmp else "") + "\n")
         return 0 if ok else 1

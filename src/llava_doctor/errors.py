@@ -27,7 +27,7 @@ class DoctorError(Exception):
 
     def one_line(self) -> str:
         """The message and the remedy, for a CLI's single error line."""
-        return f"{self}. {self.hint}" if self.hint else str(self)
+        return f"{self}; {self.hint}" if self.hint else str(self)
 
 
 class UsageError(DoctorError):

@@ -25,7 +25,7 @@ def run_dir_of(ctx: Context) -> Path | None:
 
 
 def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n:,} bytes"
 
 
 @check("LD101", "lora-config-missing", Severity.error, fix=FixSafety.safe)

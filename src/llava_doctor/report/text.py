@@ -20,7 +20,7 @@ def _rel(p: str | None) -> str:
         return ""
     try:
         r = os.path.relpath(p)
-        return r if not r.startswith("../../..") else p
+        return p if r.startswith("..") else r
     except ValueError:
         return p
 
