@@ -103,3 +103,158 @@ def projector_keys(tensor_names: Iterable[str]) -> dict[str, str]:
         if i >= 0:
             out[k] = k[i + len("mm_projector."):]
     return out
+
+
+# --- Projector structures LLaVA-NeXT adds, and the parameters of the model the merge builds ------
+# (appended for the LD3xx checks; the functions above stay as they are)
+
+_MLP_RES = re.compile(r"^mlp(\d+)x_res(\d+)x_gelu$")
+_SUB_INDEX = re.compile(r"^(\d+)\.")
+
+
+def expected_projector(ptype: str, hidden: int, mm_hidden: int) -> dict[str, tuple[int, ...]] | None:
+    """Keys (relative to `mm_projector.`) and shapes of every projector type LLaVA or LLaVA-NeXT
+    builds: `projector_layout`'s types plus NeXT's `pooler` and `mlp{N}x_res{M}x_gelu`.
+
+    None for a type neither builder knows (LLaVA raises `ValueError: Unknown projector type`).
+    """
+    basic = projector_layout(ptype, hidden, mm_hidden)
+    if basic is not None:
+        return dict(basic.keys)
+    h, c = hidden, mm_hidden
+    if ptype == "pooler":
+        return {"conv_pool.weight": (h, c, 2, 2), "conv_pool.bias": (h,),
+                "proj.1.weight": (h, h), "proj.1.bias": (h,)}
+    m = _MLP_RES.match(ptype)
+    if m is None:
+        return None
+    depth, res = int(m.group(1)), int(m.group(2))
+    out = dict(projector_layout(f"mlp{depth}x_gelu", h, c).keys)  # type: ignore[union-attr]
+    # NeXT appends SimpleResBlock(H) modules after the MLP: Sequential indices 2N-1 ... 2N-2+M.
+    for j in range(2 * depth - 1, 2 * depth - 1 + res):
+        out.update({f"{j}.pre_norm.weight": (h,), f"{j}.pre_norm.bias": (h,),
+                    f"{j}.proj.0.weight": (h, h), f"{j}.proj.0.bias": (h,),
+                    f"{j}.proj.2.weight": (h, h), f"{j}.proj.2.bias": (h,)})
+    return out
+
+
+def projector_type_of(rel_keys: Iterable[str]) -> str | None:
+    """`infer_projector_type`, extended to NeXT's `mlp{N}x_res{M}x_gelu`; None when unrecognised."""
+    keys = set(rel_keys)
+    if not any(".pre_norm." in k for k in keys):
+        return infer_projector_type(keys)
+    res_idx = sorted({int(m.group(1)) for k in keys if ".pre_norm." in k
+                      for m in [_SUB_INDEX.match(k)] if m})
+    if not res_idx:
+        return None
+    depth = (res_idx[0] + 1) // 2
+    ptype = f"mlp{depth}x_res{len(res_idx)}x_gelu"
+    want = expected_projector(ptype, 1, 1)
+    return ptype if want is not None and set(want) == keys else None
+
+
+# Decoder-layer parameters of LlamaForCausalLM (biases only with attention_bias / mlp_bias).
+_LLAMA_LAYER = re.compile(
+    r"^model\.layers\.(\d+)\.(?:(self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)\.(weight|bias)"
+    r"|(?:input_layernorm|post_attention_layernorm)\.weight)$")
+# Sub-modules whose parameters exist only when the model is built with them; accepted by prefix.
+MULTIMODAL_PREFIXES = ("model.mm_projector.", "model.vision_resampler.", "model.vision_tower.")
+# First path components that live inside `LlavaLlamaModel` (`model.` in the full model).
+_INNER = ("mm_projector", "image_newline", "vision_resampler", "vision_tower", "embed_tokens",
+          "layers", "norm")
+
+
+@dataclass(frozen=True)
+class LlavaParams:
+    """Which parameter names `LlavaLlamaForCausalLM(config)` has when LLaVA's builder makes it.
+
+    This is the set `load_state_dict(non_lora_trainables, strict=False)` matches against: a key
+    outside it is dropped without a word. Projector sub-keys are accepted whatever their
+    structure (a structure that disagrees with `mm_projector_type` is LD301's finding), and the
+    vision tower / resampler by prefix, since their parameter lists come from other checkpoints.
+    """
+
+    num_layers: int | None = None  # None: any layer index is accepted
+    patch_merge_type: str = "flat"
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: dict | None) -> LlavaParams:
+        """From a LoRA dir's `config.json` (LLaVA's defaults for absent fields)."""
+        cfg = cfg or {}
+        layers = cfg.get("num_hidden_layers")
+        return cls(num_layers=layers if isinstance(layers, int) else None,
+                   patch_merge_type=str(cfg.get("mm_patch_merge_type") or "flat"),
+                   attention_bias=bool(cfg.get("attention_bias", False)),
+                   mlp_bias=bool(cfg.get("mlp_bias", False)))
+
+    @property
+    def has_image_newline(self) -> bool:
+        # llava_arch.py: `if 'unpad' in getattr(config, 'mm_patch_merge_type', '')`.
+        return "unpad" in self.patch_merge_type
+
+    def accepts(self, name: str) -> bool:
+        """True when `name` is a parameter of the model (so strict=False would load it)."""
+        if name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+            return True
+        if name == "model.image_newline":
+            return self.has_image_newline
+        if any(name.startswith(p) and len(name) > len(p) for p in MULTIMODAL_PREFIXES):
+            return True
+        m = _LLAMA_LAYER.match(name)
+        if m is None:
+            return False
+        if self.num_layers is not None and int(m.group(1)) >= self.num_layers:
+            return False
+        if m.group(3) == "bias":
+            return self.attention_bias if m.group(2).startswith("self_attn") else self.mlp_bias
+        return True
+
+
+def canonical_param_name(key: str) -> str | None:
+    """The `LlavaLlamaForCausalLM` parameter a non_lora_trainables key most plausibly means.
+
+    Undoes the wrappings seen in the wild (failure-modes F07): DDP's `module.`, peft's
+    `base_layer` and `modules_to_save.<adapter>`, a doubled `model.`, a missing `model.`
+    (bare `mm_projector.*`), and llava-hf names (`multi_modal_projector.linear_{k}` ->
+    `mm_projector.{2(k-1)}`, `language_model.*`). None for peft's `original_module` copies (the
+    untrained originals of a `modules_to_save` layer) and for names with no such parameter. The
+    result is a name, not a verdict: check it with `LlavaParams.accepts`.
+    """
+    segs = key.split(".")
+    if "original_module" in segs:
+        return None
+    segs = [s for s in segs if s not in ("module", "base_layer")]
+    while "modules_to_save" in segs:
+        i = segs.index("modules_to_save")
+        del segs[i:i + 2]  # `modules_to_save.<adapter name>`
+    name = ".".join(segs)
+    for prefix in ("base_model.model.", "base_model."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+            break
+    while name.startswith("model.model."):
+        name = name[len("model."):]
+    # llava-hf: legacy `language_model.model.*` / `language_model.lm_head`, >= 4.52
+    # `model.language_model.*` and `[model.]multi_modal_projector.linear_k`.
+    for old, new in (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                     ("model.language_model.", "model.")):
+        if name.startswith(old):
+            name = new + name[len(old):]
+    m = re.match(r"^(?:model\.)?multi_modal_projector\.linear_(\d+)\.(.+)$", name)
+    if m:
+        k = int(m.group(1))
+        if k < 1:
+            return None
+        name = f"model.mm_projector.{2 * (k - 1)}.{m.group(2)}"
+    if name.startswith(("model.", "lm_head.")):
+        return name
+    if name.split(".", 1)[0] in _INNER:
+        return "model." + name
+    return None
+
+
+def canonical_non_lora_key(param: str) -> str:
+    """The key LLaVA's own `train.py` saves a parameter under in `non_lora_trainables.bin`."""
+    return "base_model.model." + param
