@@ -97,16 +97,44 @@ def load_tensors(wf: WeightFile, names: Iterable[str] | None = None,
     return tensors
 
 
-def iter_tensors(wf: WeightFile, names: Iterable[str] | None = None,
-                 device: str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield tensors one at a time (safetensors: one read per tensor, bounded memory)."""
-    wanted = list(wf.tensors) if names is None else list(names)
-    if wf.is_safetensors:
-        from safetensors import safe_open
+def iter_tensors(wf: WeightFile, names: Iterable[str] | None = None, device: str = "cpu",
+                 *, reuse_buffer: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield tensors one at a time, in file order, with bounded memory.
 
-        with safe_open(str(wf.path), framework="pt", device=device) as f:
-            for name in wanted:
-                yield name, f.get_tensor(name)
+    safetensors: each tensor is read with one sequential `readinto` (faster than faulting in an
+    mmap page by page). With `reuse_buffer` every tensor shares one buffer, so a consumer must be
+    done with a tensor before asking for the next (value checks); otherwise each owns its bytes.
+    torch files: memory-mapped by `load_torch_tensors`, so this is lazy too.
+    """
+    wanted = set(wf.tensors) if names is None else set(names)
+    if not wf.is_safetensors:
+        yield from load_tensors(wf, [n for n in wf.tensors if n in wanted], device).items()
         return
-    # torch zip files are memory-mapped by load_torch_tensors, so this is lazy too.
-    yield from load_tensors(wf, wanted, device).items()
+    import torch
+
+    from llava_doctor.artifacts.tensors import ST_TO_TORCH
+
+    infos = sorted((t for n, t in wf.tensors.items() if n in wanted),
+                   key=lambda t: t.offset or 0)
+    shared = bytearray(max((t.nbytes for t in infos), default=0)) if reuse_buffer else None
+    with wf.path.open("rb", buffering=0) as f:
+        for info in infos:
+            dtype = getattr(torch, ST_TO_TORCH.get(info.dtype, ""), None)
+            if dtype is None or info.nbytes == 0:
+                # Sub-byte / exotic dtypes and empty tensors: let safetensors build them.
+                from safetensors import safe_open
+
+                with safe_open(str(wf.path), framework="pt", device=device) as sf:
+                    yield info.name, sf.get_tensor(info.name)
+                continue
+            buf = memoryview(shared)[:info.nbytes] if shared is not None else bytearray(info.nbytes)
+            f.seek(info.offset or 0)
+            got = f.readinto(buf)
+            if got != info.nbytes:
+                from llava_doctor.errors import FileCorruptError
+
+                raise FileCorruptError(f"tensor '{info.name}' is cut short ({got} of "
+                                       f"{info.nbytes} bytes)", path=wf.path,
+                                       rule="incomplete-buffer", tensor=info.name)
+            t = torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+            yield info.name, (t.to(device) if device != "cpu" else t)

@@ -17,7 +17,8 @@ from llava_doctor.artifacts.configs import AdapterConfig, GenerationConfig, Mode
 from llava_doctor.artifacts.discovery import (ADAPTER_WEIGHTS, NON_LORA, PROJECTOR, STATE_DIR,
                                               DirKind, classify)
 from llava_doctor.artifacts.model_dir import ModelDir
-from llava_doctor.artifacts.weights import WeightFile, load_tensors, read_weight_file
+from llava_doctor.artifacts.tensor_stats import TensorStats, tensor_stats
+from llava_doctor.artifacts.weights import WeightFile, iter_tensors, load_tensors, read_weight_file
 from llava_doctor.errors import DoctorError
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class Context:
     options: Options = field(default_factory=Options)
     file_errors: dict[Path, DoctorError] = field(default_factory=dict)
     _tensor_cache: dict[tuple[Path, str], Any] = field(default_factory=dict, repr=False)
+    _stats_cache: dict[Path, dict[str, TensorStats]] = field(default_factory=dict, repr=False)
 
     # --- the target -------------------------------------------------------------------------
     @cached_property
@@ -125,6 +127,17 @@ class Context:
             for k, v in load_tensors(wf, missing).items():
                 self._tensor_cache[(wf.path, k)] = v
         return {n: self._tensor_cache[(wf.path, n)] for n in wanted}
+
+    def all_stats(self, wf: WeightFile) -> dict[str, TensorStats]:
+        """NaN/Inf count, largest finite magnitude and all-zero flag of every tensor of a file.
+
+        Computed in one streaming pass per file (tensor values are not kept), and shared by every
+        value check (LD204, LD205, LD503).
+        """
+        if wf.path not in self._stats_cache:
+            self._stats_cache[wf.path] = {
+                name: tensor_stats(t) for name, t in iter_tensors(wf, reuse_buffer=True)}
+        return self._stats_cache[wf.path]
 
     @property
     def read_values(self) -> bool:

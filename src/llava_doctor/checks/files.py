@@ -13,7 +13,6 @@ from llava_doctor.checks.context import Context
 from llava_doctor.errors import FileCorruptError, LfsPointerError, UnsafePickleError
 from llava_doctor.models import Severity
 
-FP16_MAX = 65504.0
 JSON_FILES = ("config.json", "adapter_config.json", "generation_config.json")
 
 
@@ -106,19 +105,13 @@ def dtype_risk(ctx: Context) -> Iterable[Hit]:
     """
     if not ctx.read_values:
         raise Skip("--fast: tensor values are not read")
-    import torch
-
     for wf in (ctx.adapter, ctx.non_lora, ctx.projector):
         if wf is None:
             continue
-        worst: list[tuple[str, float]] = []
-        for name, info in wf.tensors.items():
-            if info.dtype not in FLOAT_DTYPES or info.dtype == "F16" or info.numel == 0:
-                continue
-            t = ctx.tensors(wf, [name])[name]
-            finite = t[torch.isfinite(t)]
-            if finite.numel() and float(finite.abs().max()) > FP16_MAX:
-                worst.append((name, float(finite.abs().max())))
+        stats = ctx.all_stats(wf)
+        worst = [(name, st.max_abs) for name, st in stats.items()
+                 if wf.tensors[name].dtype in FLOAT_DTYPES and wf.tensors[name].dtype != "F16"
+                 and st.overflows_fp16]
         if worst:
             name, mx = max(worst, key=lambda w: w[1])
             yield Hit(f"{wf.path}: {len(worst)} tensor(s) hold values beyond float16's range, "
