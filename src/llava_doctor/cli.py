@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,6 +13,7 @@ import typer
 from llava_doctor import __version__
 from llava_doctor.errors import DoctorError, UsageError
 from llava_doctor.models import Severity
+from llava_doctor.report import RENDERERS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Diagnose, repair and merge LLaVA LoRA runs without executing a pickle.")
@@ -66,14 +68,54 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=version_ca
     pass
 
 
+# The --format choices are the renderer registry's keys (check-jsonschema's reporter dict).
+Format = Enum("Format", {name: name for name in RENDERERS}, type=str)  # type: ignore[misc]
+FormatOpt = Annotated[Format, typer.Option("--format", help="Report format.")]
+OutputOpt = Annotated[Optional[Path], typer.Option(
+    "--output", "-o", metavar="FILE",
+    help="Write the report to FILE (created only when the run completes) instead of stdout.")]
+RootOpt = Annotated[Optional[Path], typer.Option(
+    "--root", metavar="DIR",
+    help="Paths in sarif, github, junit and markdown reports are relative to DIR (default: the "
+         "working directory).")]
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", metavar="FILE",
+    help="Read this .llava-doctor.toml or pyproject.toml instead of searching upward from the "
+         "working directory.")]
+IsolatedOpt = Annotated[bool, typer.Option("--isolated", help="Ignore configuration files.")]
+
+
+def _codes(values: list[str] | None, flag: str) -> list[str] | None:
+    """Repeatable and comma-separated (`--select LD1,LD2`), each validated against the registry."""
+    from llava_doctor.config import validate_code
+
+    if not values:
+        return None
+    return [validate_code(c, flag) for v in values for c in v.split(",") if c.strip()]
+
+
 @app.command()
 def check(
-    paths: Annotated[list[Path], typer.Argument(help="LoRA output dirs or checkpoint-N dirs.")],
+    paths: Annotated[Optional[list[Path]], typer.Argument(
+        metavar="DIR", help="LoRA output dirs or checkpoint-N dirs (globs are expanded; a file "
+                            "stands for its directory).")] = None,
+    recursive: Annotated[Optional[list[Path]], typer.Option(
+        "--recursive", "-r", metavar="ROOT",
+        help="Check every LoRA output and checkpoint-N under ROOT (repeatable).")] = None,
     base: BaseOpt = None,
     projector: ProjectorOpt = None,
     peft_version: PeftOpt = None,
-    fmt: Annotated[str, typer.Option("--format", help="text | json")] = "text",
-    strict: Annotated[bool, typer.Option("--strict", help="Warnings fail the run too.")] = False,
+    fmt: FormatOpt = Format.text,
+    output: OutputOpt = None,
+    root: RootOpt = None,
+    fail_on: Annotated[Optional[Severity], typer.Option(
+        "--fail-on", case_sensitive=False, help="Exit 1 when a finding is at or above this "
+                                                "severity (default: error).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Same as --fail-on warning.")] = False,
+    exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even with findings "
+                                            "(usage errors still exit 2).")] = False,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=0, metavar="N", help="Check N targets in "
+                                      "parallel (0: one per CPU).")] = 1,
     fast: Annotated[bool, typer.Option("--fast", help="Headers only: read no tensor values.")
                     ] = False,
     scan_base: Annotated[bool, typer.Option("--scan-base", help="Also read base tensor values.")
@@ -82,30 +124,52 @@ def check(
                                                 "(enables the disk-space preflight).")] = None,
     select: SelectOpt = None,
     ignore: IgnoreOpt = None,
+    config: ConfigOpt = None,
+    isolated: IsolatedOpt = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="List skipped checks.")
                        ] = False,
 ) -> None:
-    """Diagnose a LoRA run before the merge. Exit 0 clean, 1 findings, 2 usage error."""
+    """Diagnose LoRA runs before the merge. Exit 0 clean, 1 findings, 2 usage error."""
     from llava_doctor.checks.context import Options
-    from llava_doctor.doctor import run_checks
-    from llava_doctor.report import RENDERERS
+    from llava_doctor.config import Config, discover, load_config
+    from llava_doctor.doctor import collect_targets, run_checks
+    from llava_doctor.report.locate import json_key_lines
+    from llava_doctor.report.output import check_output_path, write_atomic
 
-    if fmt not in RENDERERS:
-        raise _fail(UsageError(f"unknown --format '{fmt}'",
-                               hint=f"choose one of: {', '.join(RENDERERS)}"))
-    for p in paths:
-        if not p.exists():
-            raise _fail(UsageError("does not exist: nothing to check", path=p,
-                                   hint="pass the LoRA output directory"))
-    opts = Options(base=base, projector=projector,
-                   peft_version=peft_version or _installed_peft(), fast=fast,
-                   scan_base=scan_base, out=out)
     try:
-        report = run_checks(paths, opts, select=select, ignore=ignore)
+        if strict and fail_on not in (None, Severity.warning):
+            raise UsageError(f"--strict means --fail-on warning, but --fail-on {fail_on.value} "
+                             "was given", hint="give one of them")
+        threshold = Severity.warning if strict else (fail_on or Severity.error)
+        cfg = Config() if isolated else (load_config(config) if config else discover())
+        if verbose and cfg.path is not None:
+            _stderr(f"llava-doctor: using configuration {cfg.path}")
+        sel, ign = cfg.selection(_codes(select, "--select"), _codes(ignore, "--ignore"))
+        targets = collect_targets(paths or [], recursive or [])
+        if output is not None:
+            check_output_path(output)
+        opts = Options(base=base or cfg.base, projector=projector or cfg.projector,
+                       peft_version=peft_version or cfg.peft_version or _installed_peft(),
+                       fast=fast, scan_base=scan_base, out=out)
+        progress = (lambda p: _stderr(f"llava-doctor: checking {p}")) if verbose else None
+        report = run_checks(targets, opts, select=sel, ignore=ign,
+                            jobs=jobs or (os.cpu_count() or 1), on_target=progress)
+        report = cfg.apply(report)
+        text = RENDERERS[fmt.value](report, root=root, fail_on=threshold,
+                              lines=json_key_lines(report),
+                              color=output is None and fmt == Format.text and _color(),
+                              verbose=verbose)
+        if output is not None:
+            write_atomic(output, text)
+            c = report.counts
+            _stderr(f"llava-doctor: wrote the {fmt.value} report to {output} ({c['error']} "
+                    f"error(s), {c['warning']} warning(s), {c['info']} info in "
+                    f"{len(report.targets)} target(s))")
+        else:
+            sys.stdout.write(text)
     except DoctorError as e:
         raise _fail(e) from None
-    sys.stdout.write(RENDERERS[fmt](report, color=_color(), verbose=verbose))
-    raise typer.Exit(report.exit_code(Severity.warning if strict else Severity.error))
+    raise typer.Exit(0 if exit_zero else report.exit_code(threshold))
 
 
 @app.command()

@@ -113,3 +113,60 @@ def run_checks(paths: Sequence[Path | str], options: Options | None = None, *,
     else:
         results = [one(p) for p in paths]
     return Report(targets=[r for r, _ in results], findings=[f for _, fs in results for f in fs])
+
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+def collect_targets(paths: Sequence[Path | str] = (), recursive: Sequence[Path | str] = ()
+                    ) -> list[Path]:
+    """The directories to check: `paths` as given, globs the shell left unexpanded, and every
+    LoRA output or checkpoint under each `recursive` root (classified from its files).
+
+    A file stands for the directory holding it (pre-commit passes changed files). Duplicates
+    are dropped, first occurrence wins. Raises `UsageError` when a path does not exist, a glob
+    or a root yields nothing, or there is nothing to check at all.
+    """
+    import glob
+
+    from llava_doctor.artifacts.discovery import find_lora_dirs
+    from llava_doctor.errors import UsageError
+
+    found: list[Path] = []
+    for raw in paths:
+        text = str(raw)
+        p = Path(text)
+        if p.exists() or p.is_symlink():
+            found.append(p.parent if p.is_file() else p)
+            continue
+        if _GLOB_CHARS & set(text):
+            matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
+            dirs = [m for m in matches if m.is_dir()]
+            if not dirs:
+                raise UsageError(f"no directory matches the pattern '{text}'",
+                                 hint="check the pattern, or quote it so the shell passes it on")
+            found.extend(dirs)
+            continue
+        raise UsageError("does not exist: nothing to check", path=p,
+                         hint="pass the LoRA output directory")
+    for root in recursive:
+        r = Path(root)
+        if not r.is_dir():
+            raise UsageError("--recursive needs a directory", path=r,
+                             hint="pass the training output root (e.g. ./checkpoints)")
+        under = list(find_lora_dirs(r))
+        if not under:
+            raise UsageError("no LoRA output directory or checkpoint-N found under it", path=r,
+                             hint="point --recursive at the folder holding the training runs")
+        found.extend(under)
+    if not found:
+        raise UsageError("nothing to check",
+                         hint="pass LoRA output directories, or --recursive ROOT")
+    out: list[Path] = []
+    seen: set[Path] = set()
+    for p in found:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
