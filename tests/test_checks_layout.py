@@ -135,3 +135,24 @@ def test_crashing_check_becomes_ld000(scenarios: dict[str, Path], monkeypatch) -
     assert "LD000" in {f.code for f in rep.findings}
     assert "LD101" in {f.code for f in rep.findings}  # the others still ran
     assert next(o for o in rep.targets[0].checks if o.code == "LD103").status.value == "crashed"
+
+
+def test_value_read_failure_is_ld501_not_a_crash(scenarios: dict[str, Path], monkeypatch) -> None:
+    """A .bin whose header walk passes but whose data torch cannot load (found by bench/fuzz.py:
+    miniz rejects archives Python's zipfile accepts) is reported as LD501, and the value check
+    that met it is skipped, not crashed."""
+    import llava_doctor.artifacts.torchfile as tf
+    from llava_doctor.errors import FileCorruptError
+
+    def failing(path, names=None):
+        raise FileCorruptError("torch.load failed after a clean header walk: PytorchStreamReader "
+                               "failed reading zip archive: unsupported multidisk archive",
+                               path=path, rule="torch-load-failed")
+
+    monkeypatch.setattr(tf, "load_torch_tensors", failing)
+    rep = run_checks([scenarios["lora"]], Options(base=scenarios["base-vicuna"]))
+    got = {(f.code, Path(f.path).name) for f in rep.findings}
+    assert ("LD501", "non_lora_trainables.bin") in got
+    assert "LD000" not in {c for c, _ in got}
+    ld503 = next(o for o in rep.targets[0].checks if o.code == "LD503")
+    assert ld503.status.value == "skipped"

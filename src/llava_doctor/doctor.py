@@ -10,12 +10,14 @@ from pathlib import Path
 from llava_doctor.artifacts.discovery import LORA_KINDS, DirKind
 from llava_doctor.checks.base import CheckSpec, Hit, Skip, all_checks
 from llava_doctor.checks.context import Context, Options
+from llava_doctor.errors import DoctorError
 from llava_doctor.models import (CheckOutcome, CheckStatus, Finding, FixSafety, Report, Severity,
                                  TargetResult)
 
 INTERNAL = "LD000"
-# File-integrity checks report errors that any other check may have run into, so they run last.
-LATE_PREFIX = "LD5"
+# The file-integrity checks report read errors that any other check may have run into (value
+# checks included), so they run after everything else.
+REPORTS_READ_ERRORS = frozenset({"LD501", "LD502", "LD504"})
 
 
 def selected_checks(select: Iterable[str] | None = None,
@@ -49,7 +51,7 @@ def check_target(path: Path, options: Options, checks: Sequence[CheckSpec]
     kind = ctx.kind
     outcomes: dict[str, CheckOutcome] = {}
     findings: dict[str, list[Finding]] = {}
-    ordered = sorted(checks, key=lambda s: (s.code.startswith(LATE_PREFIX), s.code))
+    ordered = sorted(checks, key=lambda s: (s.code in REPORTS_READ_ERRORS, s.code))
     for spec in ordered:
         if kind in (DirKind.missing, DirKind.not_a_dir):
             outcomes[spec.code] = CheckOutcome(code=spec.code, name=spec.name,
@@ -66,6 +68,15 @@ def check_target(path: Path, options: Options, checks: Sequence[CheckSpec]
         except Skip as s:
             outcomes[spec.code] = CheckOutcome(code=spec.code, name=spec.name,
                                                status=CheckStatus.skipped, reason=s.reason)
+            continue
+        except DoctorError as e:
+            # An expected failure met while reading values (a file whose header passed but whose
+            # data does not load): a finding about the file (LD501/502/504 run last and report
+            # it), not a crash of the check.
+            ctx.file_errors.setdefault(Path(e.path) if e.path else path, e)
+            outcomes[spec.code] = CheckOutcome(
+                code=spec.code, name=spec.name, status=CheckStatus.skipped,
+                reason=f"{Path(e.path).name if e.path else path} could not be read (see LD5xx)")
             continue
         except Exception as e:  # a bug in a check: report it, keep going
             tb = traceback.extract_tb(e.__traceback__)[-1]
