@@ -112,7 +112,8 @@ _MLP_RES = re.compile(r"^mlp(\d+)x_res(\d+)x_gelu$")
 _SUB_INDEX = re.compile(r"^(\d+)\.")
 
 
-def expected_projector(ptype: str, hidden: int, mm_hidden: int) -> dict[str, tuple[int, ...]] | None:
+def expected_projector(ptype: str, hidden: int, mm_hidden: int
+                       ) -> dict[str, tuple[int, ...]] | None:
     """Keys (relative to `mm_projector.`) and shapes of every projector type LLaVA or LLaVA-NeXT
     builds: `projector_layout`'s types plus NeXT's `pooler` and `mlp{N}x_res{M}x_gelu`.
 

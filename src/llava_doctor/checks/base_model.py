@@ -1,1 +1,637 @@
-"""Checks: base_model (filled in by the check-catalogue work)."""
+"""LD4xx: is the base model the one the LoRA was trained on, complete, and loadable by LLaVA?
+
+The base is `--base`, else `adapter_config.json`'s `base_model_name_or_path` when it is a local
+dir or in the local Hugging Face cache (`Context.base_resolved`). When none resolves, LD401
+reports it once (info) and the other base checks are skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from llava_doctor.artifacts.configs import ModelConfig, read_json, tokenizer_length
+from llava_doctor.artifacts.llava import builder_rewrite
+from llava_doctor.artifacts.model_dir import ModelDir
+from llava_doctor.checks.base import Hit, Skip, check
+from llava_doctor.checks.context import Context
+from llava_doctor.checks.projector import PROJ, lora_config, non_lora_view
+from llava_doctor.errors import DoctorError
+from llava_doctor.models import FixSafety, Severity
+
+NO_BASE = "no base model resolved (LD401 says how to pass --base)"
+
+
+def _source(ctx: Context) -> str:
+    res = ctx.base_resolved
+    return {"--base": "given with --base",
+            "adapter_config.json": "adapter_config.json's base_model_name_or_path",
+            "hf-cache": res.note or "the local Hugging Face cache"}.get(res.source, res.source)
+
+
+def _need_base(ctx: Context) -> Path:
+    """The base dir, or Skip when there is none to look at (LD401 reports why)."""
+    p = ctx.base_resolved.path
+    if p is None:
+        raise Skip(NO_BASE)
+    if not p.is_dir():
+        raise Skip(f"the base {p} is not a directory (LD401 reports it)")
+    return p
+
+
+def _need_base_config(ctx: Context) -> ModelConfig:
+    _need_base(ctx)
+    if ctx.base_config is None:
+        raise Skip("the base has no readable config.json (LD401/LD501 report it)")
+    return ctx.base_config
+
+
+def _recorded_base(ctx: Context) -> str | None:
+    return ctx.adapter_config.base_model_name_or_path if ctx.adapter_config is not None else None
+
+
+# --- LD401 -------------------------------------------------------------------------------------
+
+@check("LD401", "base-incomplete", Severity.error)
+def base_incomplete(ctx: Context) -> Iterable[Hit]:
+    """The base model is missing, incomplete, or not a model at all.
+
+    ## What it does
+    Resolves the base (`--base`, else `adapter_config.json`'s `base_model_name_or_path` when it
+    is a local dir or in the local Hugging Face cache, offline) and checks that it is a
+    directory with `config.json` and weights; that every shard its index names exists and holds
+    the tensors the index promises; that it is not the LoRA dir itself nor another PEFT adapter
+    dir (swapped arguments). When no base resolves, this check reports it once, as info, with
+    how to pass `--base`; the other base checks are then skipped.
+
+    ## Why is this bad?
+    LLaVA's merge fails with `OSError: ... does not appear to have a file named config.json`,
+    `HFValidationError: Repo id must be in the form ...` (a training-machine path recorded in
+    `adapter_config.json`), `KeyError: 'LlavaConfig'` (the LoRA dir given as `--model-base`,
+    LLaVA #410), or deep inside the shard loading.
+
+    ## Example
+    `adapter_config.json` records `./checkpoints/vicuna-7b-v1.5`, which exists only on the
+    training machine.
+
+    ## Fix
+    None: pass the complete base the LoRA was trained on with `--base`.
+    """
+    res = ctx.base_resolved
+    recorded = _recorded_base(ctx)
+    if res.path is None:
+        name = (recorded or "vicuna-7b-v1.5").rstrip("/").split("/")[-1]
+        hub = (f", or put '{recorded}' into the local Hugging Face cache (`huggingface-cli "
+               f"download {recorded}`)" if recorded and recorded.count("/") == 1
+               and not recorded.startswith((".", "/", "~")) else "")
+        yield Hit(f"no base model for {ctx.path}: {res.note}. The base-model checks were "
+                  f"skipped; pass the base the LoRA was trained on with `llava-doctor check "
+                  f"{ctx.path} --base /path/to/{name}`{hub}",
+                  path=ctx.file("adapter_config.json") or ctx.path, severity=Severity.info,
+                  evidence={"recorded": recorded, "source": res.source})
+        return
+    p, how = res.path, _source(ctx)
+    if not p.exists():
+        yield Hit(f"the base {p} ({how}) does not exist on this machine; pass the base with "
+                  "--base", path=p, evidence={"source": res.source})
+        return
+    if not p.is_dir():
+        yield Hit(f"the base {p} ({how}) is a file, not a model directory; pass the directory "
+                  "that holds config.json and the weights", path=p)
+        return
+    try:
+        same = p.resolve() == ctx.path.resolve() or os.path.samefile(p, ctx.path)
+    except OSError:
+        same = False
+    if same:
+        yield Hit(f"the base {p} ({how}) is the LoRA dir itself: LLaVA then fails with "
+                  "`KeyError: 'LlavaConfig'` loading its tokenizer (LLaVA #410). Pass the model "
+                  f"the LoRA was trained on{f' ({recorded})' if recorded else ''}", path=p)
+        return
+    if (p / "adapter_config.json").is_file():
+        yield Hit(f"the base {p} ({how}) is itself a PEFT adapter dir (it has "
+                  "adapter_config.json): --model-path and --model-base are probably swapped. "
+                  "Pass the full model the LoRA was trained on as the base", path=p)
+        return
+    if not (p / "config.json").is_file():
+        yield Hit(f"the base {p} ({how}) has no config.json: LLaVA's merge fails with `OSError: "
+                  f"{p} does not appear to have a file named config.json.` Pass a complete "
+                  "Hugging Face model directory", path=p / "config.json")
+        return
+    md = ctx.base
+    if md is None:
+        errs = [e for q, e in ctx.file_errors.items() if q == p or p in q.parents]
+        if errs:
+            return  # an unreadable index: LD501 reports it with its rule
+        yield Hit(f"the base {p} ({how}) holds no weights (no model.safetensors[.index.json] "
+                  "or pytorch_model.bin[.index.json]); copy or download them", path=p)
+        return
+    for prob in md.problems:
+        if prob.kind == "missing-shard":
+            index = md.index_path.name if md.index_path else "index"
+            yield Hit(f"{prob.path}: the base's {index} names this shard but it does not "
+                      f"exist, so {len(prob.tensors)} tensor(s) "
+                      f"(e.g. '{prob.tensors[0] if prob.tensors else '?'}') are missing; copy or "
+                      "download the missing shard", path=prob.path,
+                      evidence={"kind": prob.kind, "tensors": list(prob.tensors[:20]),
+                                "count": len(prob.tensors)})
+        elif prob.kind == "missing-tensor":
+            yield Hit(f"{prob.path}: {prob.detail}; the shard is incomplete or the index belongs "
+                      "to another copy of the model. Re-download the shard", path=prob.path,
+                      evidence={"kind": prob.kind, "tensors": list(prob.tensors[:20]),
+                                "count": len(prob.tensors)})
+        # unreadable shards are LD501/LD504's findings (recorded by their read-everything pass)
+
+
+# --- LD402 -------------------------------------------------------------------------------------
+
+_DIM_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "intermediate_size")
+
+
+def _dims(cfg: ModelConfig) -> dict[str, int | None]:
+    d = cfg.llm_dims
+    out = {k: d.get(k) for k in _DIM_FIELDS}
+    if out["num_key_value_heads"] is None:  # transformers' default: no GQA
+        out["num_key_value_heads"] = out["num_attention_heads"]
+    return out
+
+
+@check("LD402", "base-mismatch", Severity.error)
+def base_mismatch(ctx: Context) -> Iterable[Hit]:
+    """The base is a different size or shape of model than the one the LoRA was trained on.
+
+    ## What it does
+    Compares `hidden_size`, `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`
+    and `intermediate_size` of the LoRA dir's `config.json` (inherited from the training base)
+    with the base's `config.json`. The per-tensor adapter shapes are LD203's.
+
+    ## Why is this bad?
+    LLaVA builds the model from the LoRA's config and loads the base's weights into it: a 7B
+    LoRA on a 13B base fails with `size mismatch ... copying a param with shape
+    torch.Size([128, 4096]) from checkpoint, the shape in current model is
+    torch.Size([128, 5120])`, and a same-width model with another layer count or head layout
+    loads wrongly.
+
+    ## Example
+    A `llava-v1.5-7b-lora` merged with `--model-base lmsys/vicuna-13b-v1.5`.
+
+    ## Fix
+    None: pass the base the LoRA was trained on.
+    """
+    base_cfg = _need_base_config(ctx)
+    if ctx.config is None:
+        raise Skip("no readable config.json in the LoRA dir (LD101); per-tensor adapter shapes "
+                   "are LD203's")
+    ours, theirs = _dims(ctx.config), _dims(base_cfg)
+    diff = {k: {"lora": ours[k], "base": theirs[k]} for k in _DIM_FIELDS
+            if ours[k] is not None and theirs[k] is not None and ours[k] != theirs[k]}
+    if not diff:
+        return
+    recorded = _recorded_base(ctx) or ctx.config.name_or_path
+    listing = ", ".join(f"{k} {v['lora']} vs {v['base']}" for k, v in diff.items())
+    path = ctx.base_path / "config.json"  # type: ignore[operator]
+    yield Hit(f"{path}: the base is not the model the LoRA was trained on (LoRA config.json vs "
+              f"base: {listing}); LLaVA's merge fails with size mismatches or loads a wrongly "
+              f"shaped model. Pass the base the LoRA was trained on"
+              f"{f' ({recorded})' if recorded else ''}", path=path,
+              evidence={"mismatch": diff, "recorded_base": recorded})
+
+
+# --- LD403 -------------------------------------------------------------------------------------
+
+_EMBED = ("model.embed_tokens.weight", "language_model.model.embed_tokens.weight",
+          "model.language_model.embed_tokens.weight")
+_LM_HEAD = ("lm_head.weight", "language_model.lm_head.weight")
+IM_PATCH, IM_START, IM_END = "<im_patch>", "<im_start>", "<im_end>"
+
+
+def _first_info(md: ModelDir, names: tuple[str, ...]) -> tuple[str, Path, tuple[int, ...]] | None:
+    for n in names:
+        hit = md.tensors.get(n)
+        if hit is not None:
+            return n, hit[0].path, tuple(hit[1].shape)
+    return None
+
+
+def known_added_tokens(model_dir: Path) -> set[str]:
+    """Token strings a tokenizer dir already adds (added_tokens.json, tokenizer_config.json,
+    tokenizer.json), so the ones LLaVA's merge adds again are not counted twice."""
+    out: set[str] = set()
+    for name, pick in (("added_tokens.json", lambda d: d.keys()),
+                       ("tokenizer_config.json", lambda d: [
+                           v.get("content") for v in (d.get("added_tokens_decoder") or {}).values()
+                           if isinstance(v, dict)]),
+                       ("tokenizer.json", lambda d: [
+                           t.get("content") for t in (d.get("added_tokens") or [])
+                           if isinstance(t, dict)])):
+        f = model_dir / name
+        if not f.is_file():
+            continue
+        try:
+            out.update(s for s in pick(read_json(f)) if isinstance(s, str))
+        except (DoctorError, AttributeError, TypeError):
+            continue
+    return out
+
+
+@check("LD403", "vocab-mismatch", Severity.error)
+def vocab_mismatch(ctx: Context) -> Iterable[Hit]:
+    """Vocabulary sizes disagree between the LoRA config, the base, the tokenizer and non_lora.
+
+    ## What it does
+    Compares the LoRA `config.json`'s `vocab_size` (V) with the rows of the base's
+    `embed_tokens`/`lm_head`, with `embed_tokens`/`lm_head` in `non_lora_trainables.bin` and in
+    the adapter, and with the base tokenizer's length plus the tokens LLaVA's merge adds:
+    `<im_patch>` when `mm_use_im_patch_token` is true **or absent** (LLaVA's default is True),
+    `<im_start>`/`<im_end>` with `mm_use_im_start_end`.
+
+    ## Why is this bad?
+    LLaVA builds the model with V rows and loads the base into it: a base with other row counts
+    fails with `ValueError: Trying to set a tensor of shape torch.Size([32000, 4096]) in
+    "weight" (which has shape torch.Size([32003, 4096])), this looks incorrect.`; a non_lora
+    `embed_tokens` of another size fails with `size mismatch`. When the merge's added tokens
+    push the tokenizer past V, `resize_token_embeddings` grows the merged model with untrained
+    rows and a new `vocab_size`: a config without `mm_use_im_patch_token` silently gets
+    `<im_patch>` and V+1.
+
+    ## Example
+    A hand-written `config.json` without `mm_use_im_patch_token`, merged onto vicuna (32000):
+    the merged model has 32001 rows.
+
+    ## Fix
+    Safe for the `<im_patch>` trap when the run's vocabulary has no room for it: `llava-doctor
+    fix` sets `mm_use_im_patch_token: false` (what the v1.5 scripts pass). None otherwise: use
+    the base and tokenizer the LoRA was trained with.
+    """
+    _need_base(ctx)
+    if ctx.config is None:
+        raise Skip("no readable config.json in the LoRA dir (LD101)")
+    vocab = ctx.config.llm_dims.get("vocab_size")
+    if vocab is None:
+        raise Skip("the LoRA config.json has no vocab_size")
+    cfg_path = ctx.path / "config.json"
+    md = ctx.base
+    if md is not None:
+        for names, what in ((_EMBED, "embed_tokens"), (_LM_HEAD, "lm_head")):
+            got = _first_info(md, names)
+            if got is None or not got[2] or got[2][0] == vocab:
+                continue
+            name, path, shape = got
+            h = shape[1] if len(shape) > 1 else "H"
+            yield Hit(f"{path}: the base's '{name}' has {shape[0]} rows, but the LoRA's "
+                      f"config.json has vocab_size {vocab}: LLaVA builds the model with "
+                      f"{vocab} rows and fails loading the base with `ValueError: Trying to set "
+                      f"a tensor of shape torch.Size([{shape[0]}, {h}]) in \"weight\" (which has "
+                      f"shape torch.Size([{vocab}, {h}])), this looks incorrect.` Use the base "
+                      "the LoRA was trained on (a vocabulary grown during training needs its "
+                      "embeddings)", path=path,
+                      evidence={"tensor": name, "rows": shape[0], "vocab_size": vocab,
+                                "which": what})
+            break  # embed and lm_head of one base disagree together; one finding says it
+    for label, wf, keymap in _extra_embeddings(ctx):
+        for key, param in keymap.items():
+            rows = wf.tensors[key].shape[0] if wf.tensors[key].shape else None
+            if rows is None or rows == vocab or wf.tensors[key].numel == 0:
+                continue
+            yield Hit(f"{wf.path}: '{key}' ({param}) has {rows} rows, but the LoRA's "
+                      f"config.json has vocab_size {vocab}: loading the {label} fails with "
+                      f"`size mismatch for {param}: copying a param with shape "
+                      f"torch.Size([{rows}, ...]) from checkpoint, the shape in current model "
+                      f"is torch.Size([{vocab}, ...])`. The file and the config come from "
+                      "different runs", path=wf.path,
+                      evidence={"tensor": key, "rows": rows, "vocab_size": vocab})
+    base_dir = ctx.base_path
+    tok_len = tokenizer_length(base_dir) if base_dir is not None else None
+    if tok_len is None:
+        return  # no readable tokenizer: LD405
+    if tok_len > vocab:
+        yield Hit(f"{base_dir}: the base tokenizer has {tok_len} tokens but the LoRA's "
+                  f"config.json has vocab_size {vocab}: token ids {vocab}..{tok_len - 1} index "
+                  "past the embeddings. Use the tokenizer the LoRA was trained with",
+                  path=base_dir, evidence={"tokenizer_length": tok_len, "vocab_size": vocab})
+        return
+    cfg = lora_config(ctx)
+    patch_default = "mm_use_im_patch_token" not in cfg
+    use_patch = bool(cfg.get("mm_use_im_patch_token", True))
+    present = known_added_tokens(base_dir)  # type: ignore[arg-type]
+    start_end = bool(cfg.get("mm_use_im_start_end"))
+    added = [t for t, on in ((IM_PATCH, use_patch), (IM_START, start_end), (IM_END, start_end))
+             if on and t not in present]
+    final = tok_len + len(added)
+    if final <= vocab:
+        return
+    trap = patch_default and IM_PATCH in added
+    fixable = trap and final - 1 <= vocab
+    why = ("config.json has no mm_use_im_patch_token, and LLaVA's merge defaults it to True"
+           if trap else "config.json asks for them")
+    remedy = ("`llava-doctor fix` sets mm_use_im_patch_token: false, as the v1.5 scripts do "
+              "(safe: the run's vocabulary has no room for <im_patch>, so training did not use "
+              "it)" if fixable else "use the tokenizer the LoRA was trained with")
+    yield Hit(f"{cfg_path}: LLaVA's merge adds {', '.join(added)} to the base tokenizer "
+              f"({tok_len} tokens) because {why}, then resize_token_embeddings({final}) grows "
+              f"the merged model past the vocab_size {vocab} it was trained with: "
+              f"{final - vocab} untrained embedding row(s) and a different vocab_size in the "
+              f"merged config. {remedy}", path=cfg_path, severity=Severity.warning,
+              evidence={"file": str(cfg_path), "field": "mm_use_im_patch_token",
+                        "actual": None if patch_default else use_patch,
+                        "expected": False if fixable else None, "tokenizer_length": tok_len,
+                        "added": added, "vocab_size": vocab, "merged_vocab": final},
+              fix=FixSafety.safe if fixable else FixSafety.none)
+
+
+def _extra_embeddings(ctx: Context) -> list[tuple[str, Any, dict[str, str]]]:
+    """Full embed_tokens / lm_head tensors that the merge loads from the LoRA dir."""
+    out: list[tuple[str, Any, dict[str, str]]] = []
+    wanted = ("model.embed_tokens.weight", "lm_head.weight")
+    nl = non_lora_view(ctx)
+    if nl is not None:
+        got = {k: v for k, v in nl.landed.items() if v in wanted}
+        if got:
+            out.append(("non_lora_trainables.bin (strict=False still checks shapes)", nl.wf, got))
+    ad = ctx.adapter
+    if ad is not None:
+        # peft's save_embedding_layers: `base_model.model.<name>[.base_layer].weight`
+        rw = builder_rewrite(k.replace(".base_layer.", ".") for k in ad.tensors
+                             if ".lora_" not in k)
+        got = {}
+        for k in ad.tensors:
+            if ".lora_" in k:
+                continue
+            v = rw.get(k.replace(".base_layer.", "."))
+            if v in wanted:
+                got[k] = v
+        if got:
+            out.append(("adapter", ad, got))
+    return out
+
+
+# --- LD404 -------------------------------------------------------------------------------------
+
+def generation_problems(raw: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(field, value) pairs `GenerationConfig.validate()` warns about in greedy mode.
+
+    The rules of transformers' `validate()` (4.37, unchanged since): with `do_sample` false or
+    absent, sampling knobs away from their defaults; with one beam, beam knobs away from theirs.
+    """
+    out: list[tuple[str, Any]] = []
+    if not raw.get("do_sample", False):
+        for f, default in (("temperature", 1.0), ("top_p", 1.0), ("typical_p", 1.0),
+                           ("epsilon_cutoff", 0.0), ("eta_cutoff", 0.0), ("min_p", None)):
+            v = raw.get(f)
+            if v is not None and v != default:
+                out.append((f, v))
+        top_k = raw.get("top_k")
+        if top_k is not None and top_k != 50 and raw.get("penalty_alpha") is None:
+            out.append(("top_k", top_k))
+    if raw.get("num_beams", 1) == 1:
+        for f, default in (("early_stopping", False), ("num_beam_groups", 1),
+                           ("diversity_penalty", 0.0), ("length_penalty", 1.0)):
+            v = raw.get(f)
+            if v is not None and v != default:
+                out.append((f, v))
+    return out
+
+
+def _validation_text(problems: list[tuple[str, Any]]) -> str:
+    warns = []
+    for f, v in problems:
+        if f in ("early_stopping", "num_beam_groups", "diversity_penalty", "length_penalty"):
+            warns.append(f"UserWarning('`num_beams` is set to 1. However, `{f}` is set to "
+                         f"`{v}` -- this flag is only used in beam-based generation modes. You "
+                         f"should set `num_beams>1` or unset `{f}`.')")
+        else:
+            warns.append(f"UserWarning('`do_sample` is set to `False`. However, `{f}` is set "
+                         f"to `{v}` -- this flag is only used in sample-based generation modes. "
+                         f"You should set `do_sample=True` or unset `{f}`.')")
+    return ("ValueError: The generation config instance is invalid -- `.validate()` throws "
+            "warnings and/or exceptions. Fix these issues to save the configuration. Thrown "
+            "during validation: [" + ", ".join(warns) + "]")
+
+
+@check("LD404", "generation-config-invalid", Severity.warning)
+def generation_config_invalid(ctx: Context) -> Iterable[Hit]:
+    """`generation_config.json` sets sampling fields without `do_sample`: saving it raises.
+
+    ## What it does
+    Applies the rules of transformers' `GenerationConfig.validate()` to the base's
+    `generation_config.json` (and the LoRA dir's, which LLaVA-NeXT writes): with `do_sample`
+    false or absent, `temperature`, `top_p`, `typical_p`, `top_k` (≠ 50), `epsilon_cutoff`,
+    `eta_cutoff` must keep their defaults; with one beam, the beam-search knobs too.
+
+    ## Why is this bad?
+    vicuna v1.5 ships `temperature: 0.9, top_p: 0.6` without `do_sample`. LLaVA's pinned
+    transformers 4.37.2 (and every later version) raises `ValueError: The generation config
+    instance is invalid -- .validate() throws warnings and/or exceptions. Fix these issues to
+    save the configuration.` inside `model.save_pretrained`, after `config.json` is written and
+    before any weights: the merged dir holds only `config.json` (LLaVA #1406).
+
+    ## Example
+    Any merge onto `lmsys/vicuna-7b-v1.5` with LLaVA's `merge_lora_weights.py`.
+
+    ## Fix
+    None here (the base is never modified): `llava-doctor merge` writes a valid
+    `generation_config.json` into its output and reports what it changed. With LLaVA's script,
+    set `do_sample: true` in the base's file first (keeps vicuna's defaults).
+    """
+    files: list[Path] = []
+    if ctx.file("generation_config.json") is not None:
+        files.append(ctx.path / "generation_config.json")
+    if ctx.base_resolved.path is not None and ctx.base_resolved.path.is_dir():
+        g = ctx.base_resolved.path / "generation_config.json"
+        if g.is_file():
+            files.append(g)
+    elif not files:
+        raise Skip(NO_BASE)
+    for f in files:
+        raw = ctx._read(f, read_json)
+        if raw is None:
+            continue  # unreadable JSON: LD501
+        problems = generation_problems(raw)
+        if not problems:
+            continue
+        fields = ", ".join(f"{k}={v!r}" for k, v in problems)
+        whose = "the base's" if f.parent != ctx.path else "the LoRA dir's"
+        yield Hit(f"{f}: {whose} generation config sets {fields} while do_sample is "
+                  f"{'false' if 'do_sample' in raw else 'unset'}: LLaVA's merge "
+                  f"(transformers >= 4.37) writes config.json and then fails in save_pretrained "
+                  f"with `{_validation_text(problems)}`, leaving no weights. `llava-doctor "
+                  "merge` writes a valid generation_config.json; with LLaVA's script, set "
+                  "\"do_sample\": true in this file first", path=f,
+                  evidence={"fields": {k: v for k, v in problems},
+                            "do_sample": raw.get("do_sample")})
+
+
+# --- LD405 -------------------------------------------------------------------------------------
+
+_SLOW_SP = {"LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer",
+            "CodeLlamaTokenizerFast"}
+
+
+@check("LD405", "tokenizer-missing", Severity.warning)
+def tokenizer_missing(ctx: Context) -> Iterable[Hit]:
+    """The base has no tokenizer LLaVA's merge can load (`use_fast=False` needs tokenizer.model).
+
+    ## What it does
+    Checks that the base has `tokenizer.model` or `tokenizer.json`, and for Llama tokenizers
+    (`tokenizer_class` LlamaTokenizer) specifically `tokenizer.model`: LLaVA loads
+    `AutoTokenizer.from_pretrained(base, use_fast=False)`, whose slow Llama tokenizer reads the
+    sentencepiece file.
+
+    ## Why is this bad?
+    The merge fails at its second step with `OSError: Can't load tokenizer for '<base>'` or
+    sentencepiece's `TypeError: not a string`, and the merged dir gets no tokenizer files.
+
+    ## Example
+    A base copied with only `*.safetensors` and `config.json`.
+
+    ## Fix
+    None automatic: copy the tokenizer files from the base's source (a `checkpoint-N` of the run
+    also has them: HF Trainer saves the tokenizer there).
+    """
+    base = _need_base(ctx)
+    has_sp = (base / "tokenizer.model").is_file()
+    has_json = (base / "tokenizer.json").is_file()
+    if has_sp:
+        return
+    tok_class = None
+    if (base / "tokenizer_config.json").is_file():
+        try:
+            tok_class = read_json(base / "tokenizer_config.json").get("tokenizer_class")
+        except DoctorError:
+            tok_class = None
+    if has_json and tok_class not in _SLOW_SP:
+        return
+    donors = sorted(p.parent for p in ctx.path.glob("checkpoint-*/tokenizer.model"))
+    if ctx.path.name.startswith("checkpoint-") and (ctx.path / "tokenizer.model").is_file():
+        donors.insert(0, ctx.path)
+    copy = f"; {donors[-1]} has the run's tokenizer files to copy" if donors else \
+        "; copy them from the base's source"
+    what = ("has tokenizer.json but no tokenizer.model, and its tokenizer_class is "
+            f"{tok_class}: LLaVA's AutoTokenizer(use_fast=False) needs the sentencepiece file"
+            if has_json else "has no tokenizer.model and no tokenizer.json")
+    yield Hit(f"the base {base} {what}; LLaVA's merge fails with `OSError: Can't load tokenizer "
+              f"for '{base}'` and the merged model gets no tokenizer{copy}",
+              path=base / "tokenizer.model",
+              evidence={"tokenizer_class": tok_class, "tokenizer_json": has_json,
+                        "copy_from": str(donors[-1]) if donors else None})
+
+
+# --- LD406 -------------------------------------------------------------------------------------
+
+@check("LD406", "model-type-collision", Severity.warning, fix=FixSafety.safe)
+def model_type_collision(ctx: Context) -> Iterable[Hit]:
+    """The LoRA's `config.json` says `model_type: "llava"`, which transformers claims for llava-hf.
+
+    ## What it does
+    Flags an original-LLaVA config (Llama fields such as `hidden_size` at the top level, not in
+    `text_config`) whose `model_type` is `"llava"`, the value LLaVA's code wrote before the v1.6
+    release (2024-01-31, including the released `liuhaotian/llava-v1.5-*-lora`).
+
+    ## Why is this bad?
+    transformers >= 4.36 maps `"llava"` to its own `LlavaConfig` (llava-hf), so
+    `AutoConfig.from_pretrained` returns the wrong class: `AttributeError: 'LlavaConfig' object
+    has no attribute 'attention_dropout'` (LLaVA #1075), `KeyError: 'llava'` on older
+    transformers, and LLaVA-NeXT's loader, which calls AutoConfig first, fails the same way.
+
+    ## Example
+    `liuhaotian/llava-v1.5-7b-lora`'s `config.json`.
+
+    ## Fix
+    Safe: `llava-doctor fix` sets `model_type` to `"llava_llama"` (what LLaVA writes today).
+    """
+    if ctx.config is None:
+        raise Skip("no readable config.json in the LoRA dir (LD101/LD501)")
+    cfg = ctx.config
+    if cfg.model_type != "llava" or cfg.text_config is not None:
+        return
+    if cfg.hidden_size is None and cfg.num_hidden_layers is None:
+        return
+    path = ctx.path / "config.json"
+    yield Hit(f"{path}: model_type is \"llava\" on an original-LLaVA config (Llama fields at the "
+              "top level): transformers >= 4.36 resolves \"llava\" to its own llava-hf "
+              "LlavaConfig, so AutoConfig-based loaders fail with `AttributeError: "
+              "'LlavaConfig' object has no attribute 'attention_dropout'`. `llava-doctor fix` "
+              "sets it to \"llava_llama\" (safe)", path=path,
+              evidence={"file": str(path), "field": "model_type", "actual": "llava",
+                        "expected": "llava_llama"})
+
+
+# --- LD407 -------------------------------------------------------------------------------------
+
+def base_kind(ctx: Context) -> str | None:
+    """'llava', 'llava-hf' or 'llm' for the resolved base, from its config and weight index."""
+    bc = ctx.base_config
+    if bc is None:
+        return None
+    if bc.is_llava_hf:
+        return "llava-hf"
+    if bc.mm_vision_tower is not None or bc.is_llava:
+        return "llava"
+    md = ctx.base
+    if md is not None and any(n.startswith(PROJ) for n in md.tensor_names):
+        return "llava"
+    return "llm"
+
+
+def _name(s: str | None) -> str | None:
+    return s.rstrip("/").split("/")[-1] if s else None
+
+
+_KIND_TEXT = {"llava": "a LLaVA checkpoint (LlavaLlamaForCausalLM, with a projector)",
+              "llava-hf": "a llava-hf LlavaForConditionalGeneration checkpoint",
+              "llm": "a plain language model (no mm_* fields, no projector)"}
+
+
+@check("LD407", "wrong-base-kind", Severity.warning)
+def wrong_base_kind(ctx: Context) -> Iterable[Hit]:
+    """The base is a plain LLM where the LoRA was trained on a LLaVA checkpoint, or vice versa.
+
+    ## What it does
+    The LoRA dir's `config.json` keeps the training base's `architectures` (LLaVA saves it with
+    `model.config.save_pretrained`, which does not rewrite it): `LlamaForCausalLM` means trained
+    from a plain LLM (`finetune_lora.sh` from vicuna), `LlavaLlamaForCausalLM` from a LLaVA
+    checkpoint (`finetune_task_lora.sh`). The base is a LLaVA checkpoint when its config has
+    `mm_vision_tower` or its weights `model.mm_projector.*`. Without `architectures`, a recorded
+    base name containing `llava` decides. The recorded and given base names are shown.
+
+    ## Why is this bad?
+    LoRA deltas are relative to the exact weights they were trained on ("The model base should
+    be the base you finetuned from", LLaVA #740). The merge completes without an error and the
+    model is degraded, repetitive or nonsensical.
+
+    ## Example
+    A task LoRA trained from `liuhaotian/llava-v1.5-7b` merged with
+    `--model-base lmsys/vicuna-7b-v1.5`.
+
+    ## Fix
+    None: pass the recorded base (`adapter_config.json`'s `base_model_name_or_path`).
+    """
+    _need_base_config(ctx)
+    if ctx.config is None:
+        raise Skip("no readable config.json in the LoRA dir (LD101)")
+    arch = ctx.config.architectures or []
+    recorded = _recorded_base(ctx) or ctx.config.name_or_path
+    if any(a.startswith("Llava") and a.endswith("ForCausalLM") for a in arch):
+        trained, signal = "llava", f"architectures {arch}"
+    elif "LlavaForConditionalGeneration" in arch:
+        trained, signal = "llava-hf", f"architectures {arch}"
+    elif arch:
+        trained, signal = "llm", f"architectures {arch}"
+    elif recorded and "llava" in (_name(recorded) or "").lower():
+        trained, signal = "llava", f"the recorded base '{recorded}'"
+    else:
+        return
+    given = base_kind(ctx)
+    if given is None or given == trained:
+        return
+    names = f" (recorded base '{recorded}', given '{ctx.base_path}')" if recorded else ""
+    path = ctx.base_path / "config.json"  # type: ignore[operator]
+    yield Hit(f"{path}: the base is {_KIND_TEXT[given]}, but the LoRA was trained on "
+              f"{_KIND_TEXT[trained]} ({signal} in its config.json){names}. LoRA deltas only "
+              "make sense on the weights they were trained on: the merge completes and the "
+              "model is degraded. Pass the base the LoRA was trained on", path=path,
+              evidence={"trained_on": trained, "given": given, "recorded_base": recorded,
+                        "architectures": arch})
