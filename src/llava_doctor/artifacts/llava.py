@@ -160,6 +160,14 @@ _LLAMA_LAYER = re.compile(
     r"|(?:input_layernorm|post_attention_layernorm)\.weight)$")
 # Sub-modules whose parameters exist only when the model is built with them; accepted by prefix.
 MULTIMODAL_PREFIXES = ("model.mm_projector.", "model.vision_resampler.", "model.vision_tower.")
+# Projector sub-keys of every structure `expected_projector` knows (Linear / Sequential of
+# Linears, NeXT's SimpleResBlock and PoolerProjector).
+_PROJ_SUB = re.compile(r"^(?:(?:\d+\.)?|\d+\.(?:pre_norm|proj\.\d+)\.|conv_pool\.|proj\.\d+\.)"
+                       r"(?:weight|bias)$")
+# Module names peft inserts; a key through one of them is never a parameter of the bare model.
+_PEFT_SEGMENTS = frozenset({"base_layer", "modules_to_save", "original_module", "lora_A",
+                            "lora_B", "lora_embedding_A", "lora_embedding_B",
+                            "lora_magnitude_vector"})
 # First path components that live inside `LlavaLlamaModel` (`model.` in the full model).
 _INNER = ("mm_projector", "image_newline", "vision_resampler", "vision_tower", "embed_tokens",
           "layers", "norm")
@@ -171,7 +179,8 @@ class LlavaParams:
 
     This is the set `load_state_dict(non_lora_trainables, strict=False)` matches against: a key
     outside it is dropped without a word. Projector sub-keys are accepted whatever their
-    structure (a structure that disagrees with `mm_projector_type` is LD301's finding), and the
+    structure (a structure that disagrees with `mm_projector_type` is LD301's finding) as long
+    as they name a Linear/LayerNorm/Conv parameter, not a peft wrapper; and the
     vision tower / resampler by prefix, since their parameter lists come from other checkpoints.
     """
 
@@ -201,6 +210,10 @@ class LlavaParams:
             return True
         if name == "model.image_newline":
             return self.has_image_newline
+        if _PEFT_SEGMENTS.intersection(name.split(".")):
+            return False
+        if name.startswith(MULTIMODAL_PREFIXES[0]):
+            return bool(_PROJ_SUB.match(name[len(MULTIMODAL_PREFIXES[0]):]))
         if any(name.startswith(p) and len(name) > len(p) for p in MULTIMODAL_PREFIXES):
             return True
         m = _LLAMA_LAYER.match(name)

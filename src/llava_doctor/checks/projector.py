@@ -189,7 +189,7 @@ def projector_type_mismatch(ctx: Context) -> Iterable[Hit]:
         return
     want = expected_projector(declared, 1, 1)
     if want is not None and set(keys) < set(want):
-        return  # the declared type, partly present: LD302 names the missing keys
+        return  # part of the declared structure: LD302 names the missing keys
     if inferred is None and want is None:
         return  # neither is a structure we know: nothing to compare
     cfg_path = ctx.path / "config.json"
@@ -284,10 +284,15 @@ def projector_missing(ctx: Context) -> Iterable[Hit]:
         if want is None or not landed <= set(want) or set(want) <= landed:
             return  # complete, or a different structure: LD301's finding
         missing = sorted(set(want) - landed)
+        # A complete smaller structure (mlp2x inside mlp3x) may instead mean a wrong
+        # mm_projector_type; which one is unknowable from the keys, so no fix is offered.
+        alt = projector_type_of(landed)
+        maybe = (f" (the keys that do land form a complete '{alt}' projector: if that is what "
+                 "was trained, mm_projector_type is wrong instead)" if alt else "")
         yield Hit(f"{nl.wf.path}: the {declared} projector is incomplete after LLaVA's key "
                   f"rewrite: {_keys(PROJ + m for m in missing)} come from neither this file nor "
-                  f"the base {base}, so LLaVA's merge leaves them randomly initialised. Find the "
-                  "complete non_lora_trainables.bin of this run", path=nl.wf.path,
+                  f"the base {base}, so LLaVA's merge leaves them randomly initialised{maybe}. "
+                  "Find the complete non_lora_trainables.bin of this run", path=nl.wf.path,
                   evidence={"missing": [PROJ + m for m in missing], "base": str(base)},
                   fix=FixSafety.none)
         return
