@@ -171,7 +171,8 @@ def test_ld201_newer_writer_on_peft_0_14_warns_and_peft_version_is_harmless(
     assert f.evidence["loader"] == "warns"
     assert f.evidence["no_math_effect"] == ["peft_version"]
     assert "target_parameters" in f.evidence["default"]
-    assert "Unexpected keyword arguments [...] for class LoraConfig, these are ignored." in f.message
+    assert ("Unexpected keyword arguments [...] for class LoraConfig, these are ignored."
+            in f.message)
 
 
 def test_ld201_rslora_on_peft_0_7_is_an_error_with_an_exact_rewrite(art: dict[str, Path]) -> None:
@@ -268,9 +269,9 @@ def test_ld202_negatives(art: dict[str, Path], tmp_path: Path) -> None:
 def test_ld203_adapter_for_another_model_size(art: dict[str, Path]) -> None:
     f = only(run(art["wide"], "LD203", base=art["base"]), "LD203")
     assert (f.code, Path(f.path)) == ("LD203", art["wide"] / ADAPTER)
-    assert ("`size mismatch for base_model.model.model.layers.0.mlp.down_proj.lora_A.default.weight: "
-            "copying a param with shape torch.Size([8, 160]) from checkpoint, the shape in current "
-            "model is torch.Size([8, 128])`") in f.message
+    assert ("`size mismatch for base_model.model.model.layers.0.mlp.down_proj.lora_A.default."
+            "weight: copying a param with shape torch.Size([8, 160]) from checkpoint, the shape "
+            "in current model is torch.Size([8, 128])`") in f.message
     assert f.evidence["count"] == 2 * 7 * TINY.layers  # every lora_A and lora_B
 
 
@@ -423,7 +424,8 @@ def _rename_keys(d: Path, old: str, new: str) -> None:
 
 def test_ld207_llava_hf_prefix_on_original_base(art: dict[str, Path], tmp_path: Path) -> None:
     d = copy(art["lora"], tmp_path / "llava-v1.5-tiny-lora")
-    _rename_keys(d, "base_model.model.model.layers.", "base_model.model.language_model.model.layers.")
+    _rename_keys(d, "base_model.model.model.layers.",
+                 "base_model.model.language_model.model.layers.")
     f = only(run(d, "LD207", base=art["base"]), "LD207")
     assert (f.code, Path(f.path)) == ("LD207", d / ADAPTER)
     assert f.evidence["count"] == 2 * 7 * TINY.layers

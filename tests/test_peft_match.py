@@ -8,8 +8,14 @@ import warnings
 import pytest
 
 from llava_doctor.artifacts.peft_match import (
-    adapter_modules, config_matches, effective_r_alpha, get_pattern_key, lora_scaling,
-    module_scaling, parse_adapter_keys, target_matches,
+    adapter_modules,
+    config_matches,
+    effective_r_alpha,
+    get_pattern_key,
+    lora_scaling,
+    module_scaling,
+    parse_adapter_keys,
+    target_matches,
 )
 
 peft = pytest.importorskip("peft")
@@ -39,7 +45,8 @@ def names() -> list[str]:
 @pytest.fixture(scope="module")
 def linear(names) -> set[str]:
     model = _tiny_llama()
-    return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    return {n for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n != "lm_head"}
 
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -92,7 +99,8 @@ PEFT_MODEL_SPECS = [
 ]
 
 
-@pytest.mark.parametrize("spec", PEFT_MODEL_SPECS, ids=[str(i) for i in range(len(PEFT_MODEL_SPECS))])
+@pytest.mark.parametrize("spec", PEFT_MODEL_SPECS,
+                         ids=[str(i) for i in range(len(PEFT_MODEL_SPECS))])
 def test_same_modules_rank_and_scale_as_get_peft_model(spec, names, linear):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

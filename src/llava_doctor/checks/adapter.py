@@ -17,7 +17,11 @@ from typing import Any
 from llava_doctor.artifacts import peft_versions
 from llava_doctor.artifacts.llava import expected_projector
 from llava_doctor.artifacts.peft_match import (
-    PEFT_PREFIX, AdapterModule, config_matches, effective_r_alpha, lora_scaling,
+    PEFT_PREFIX,
+    AdapterModule,
+    config_matches,
+    effective_r_alpha,
+    lora_scaling,
     parse_adapter_keys,
 )
 from llava_doctor.artifacts.tensors import FLOAT_DTYPES
@@ -123,8 +127,8 @@ def _from_base(ctx: Context) -> ModuleSet | None:
         module, _, param = tname.rpartition(".")
         if not module or param != "weight":
             continue
-        info = base.info(tname)
-        shape = tuple(info.shape) if info is not None else None
+        tinfo = base.info(tname)
+        shape = tuple(tinfo.shape) if tinfo is not None else None
         modules[module] = ModuleInfo(_kind(module, shape), shape)
     bcfg = ctx.base_config
     if bcfg is not None and bcfg.is_llava_hf:
@@ -171,8 +175,8 @@ def _from_config(ctx: Context) -> ModuleSet | None:
     if not all(isinstance(x, int) and x > 0 for x in (h, i, n, heads)):
         return None
     assert h is not None and i is not None and n is not None and heads is not None
-    kv = cfg.num_key_value_heads or heads
-    head_dim = raw.get("head_dim") if isinstance(raw.get("head_dim"), int) else h // heads
+    kv: int = cfg.num_key_value_heads or heads
+    head_dim: int = raw["head_dim"] if isinstance(raw.get("head_dim"), int) else h // heads
     shapes = {"self_attn.q_proj": (heads * head_dim, h), "self_attn.k_proj": (kv * head_dim, h),
               "self_attn.v_proj": (kv * head_dim, h), "self_attn.o_proj": (h, heads * head_dim),
               "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i),
@@ -328,8 +332,9 @@ def adapter_config_version(ctx: Context) -> Iterable[Hit]:
     listing = ", ".join(f"{k}={_json(raw[k])}" for k in unknown)
     upgrade = f"upgrade peft to >= {newest}" if newest else "upgrade peft"
     if math_fields:
-        notes = "; ".join(f"{k}={_json(raw[k])}: {peft_versions.FIELDS[k].note or 'changes the maths'}"
-                          for k in math_fields)
+        notes = "; ".join(
+            f"{k}={_json(raw[k])}: {peft_versions.FIELDS[k].note or 'changes the maths'}"
+            for k in math_fields)
         rewrite = _rslora_rewrite(raw) if set(math_fields) == {"use_rslora"} else None
         fix = FixSafety.none
         remedy = upgrade
@@ -358,7 +363,7 @@ def adapter_config_version(ctx: Context) -> Iterable[Hit]:
 
 
 def _is_default(value: Any, default: Any) -> bool:
-    empty = (None, {}, [], False, "none")
+    empty: tuple[Any, ...] = (None, {}, [], False, "none")
     return value == default or (value in empty and default in empty)
 
 
@@ -604,7 +609,8 @@ def adapter_untrained(ctx: Context) -> Iterable[Hit]:
     if not all(stats[k].all_zero for k in zero_init):
         return
     # `base_layer` copies (save_embedding_layers) are the base's own weights, not a change.
-    full = [k for m in mods for k in (m.weight, m.bias) if k is not None and ".base_layer." not in k]
+    full = [k for m in mods for k in (m.weight, m.bias)
+            if k is not None and ".base_layer." not in k]
     rest = (f" (only the {len(full)} full tensors it also holds, e.g. '{full[0]}', would change "
             "the model)") if full else ""
     yield Hit(f"{ad.path}: all {len(zero_init)} lora_B tensors are exactly zero, as peft "
