@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from llava_doctor.artifacts.configs import ModelConfig, read_json, tokenizer_length
-from llava_doctor.artifacts.llava import builder_rewrite
 from llava_doctor.artifacts.model_dir import ModelDir
 from llava_doctor.checks.base import Hit, Skip, check
 from llava_doctor.checks.context import Context
@@ -353,16 +352,13 @@ def _extra_embeddings(ctx: Context) -> list[tuple[str, Any, dict[str, str]]]:
             out.append(("non_lora_trainables.bin (strict=False still checks shapes)", nl.wf, got))
     ad = ctx.adapter
     if ad is not None:
-        # peft's save_embedding_layers: `base_model.model.<name>[.base_layer].weight`
-        rw = builder_rewrite(k.replace(".base_layer.", ".") for k in ad.tensors
-                             if ".lora_" not in k)
+        # peft's save_embedding_layers: `base_model.model.<module path>[.base_layer].weight`,
+        # the PeftModel's own prefix over the model's parameter name.
         got = {}
         for k in ad.tensors:
-            if ".lora_" in k:
-                continue
-            v = rw.get(k.replace(".base_layer.", "."))
-            if v in wanted:
-                got[k] = v
+            name = k.replace(".base_layer.", ".")
+            if name.startswith("base_model.model.") and name[len("base_model.model."):] in wanted:
+                got[k] = name[len("base_model.model."):]
         if got:
             out.append(("adapter", ad, got))
     return out
