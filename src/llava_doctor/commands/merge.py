@@ -1,9 +1,152 @@
-"""The `merge` command (thin typer layer over the library)."""
+"""The `merge` command (thin typer layer over `llava_doctor.merge.merge`).
 
-from __future__ import annotations
+Parses options, draws the progress bar (rich, on stderr, only here: the library reports
+progress through an observer), prints the summary on stdout and picks the exit code.
+"""
+
+# No `from __future__ import annotations`: typer reads the option aliases imported inside
+# `register` from the evaluated signature.
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+if TYPE_CHECKING:
+    from llava_doctor.merge import MergeEvent, MergeResult
+
+
+# Findings about LLaVA's own merge that this merge takes care of (its notes say how): the
+# generation config (LD404), QLoRA's quantization_config (LD208), model_type "llava" (LD406)
+# and the LoRA dir's name (LD106, which only LLaVA's loader reads).
+HANDLED_BY_MERGE = frozenset({"LD106", "LD208", "LD404", "LD406"})
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+class _ProgressBar:
+    """Observer that renders `MergeEvent`s as a rich progress bar on stderr."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn,
+                                   TextColumn, TimeRemainingColumn, TransferSpeedColumn)
+
+        self.progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+            TextColumn("{task.fields[tensors]}"), DownloadColumn(), TransferSpeedColumn(),
+            TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+        self.task: Any = None
+
+    def __enter__(self) -> "_ProgressBar":
+        self.progress.start()
+        self.task = self.progress.add_task("running the checks", total=None, tensors="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, ev: "MergeEvent") -> None:
+        labels = {"checks": "running the checks", "plan": "planning from headers",
+                  "write": "merging", "finalize": "writing configs", "verify": "verifying",
+                  "done": "done"}
+        kw: dict[str, Any] = {"description": labels.get(ev.phase, ev.phase)}
+        if ev.phase == "write":
+            kw.update(total=ev.bytes_total or None, completed=ev.bytes_done,
+                      tensors=f"{ev.done}/{ev.total} tensors")
+        self.progress.update(self.task, **kw)
+
+
+def render_summary(r: "MergeResult", lora_dir: Path) -> str:
+    """The final summary printed on stdout."""
+    lines = [f"merged {lora_dir} -> {r.out}"]
+    lines.append(f"  tensors    {r.tensors} written in {r.shards} shard(s), {_human(r.total_size)} "
+                 f"{r.dtype}; {r.tensors_merged} received a LoRA delta "
+                 f"({r.lora_modules} LoRA modules applied)")
+    if r.replaced:
+        lines.append(f"  replaced   {r.replaced} base tensor(s) by non-LoRA trainables or "
+                     "modules_to_save")
+    lines.append(f"  projector  {r.projector_source}")
+    if r.verified is not None:
+        lines.append(f"  verified   headers and sha256 of {len(r.files)} files; "
+                     f"{len(r.verified.sampled)} merged tensors recomputed from the inputs")
+    else:
+        lines.append("  verified   no (--no-verify)")
+    lines.append(f"  device     {r.device}    time {r.seconds:.2f} s    peak memory "
+                 f"{_human(r.peak_rss_bytes)} (RSS)")
+    if r.notes:
+        lines.append("notes:")
+        lines += [f"  - {n}" for n in r.notes]
+    shown = [f for f in r.warnings if f.code not in HANDLED_BY_MERGE]
+    if shown:
+        lines.append("from the checks:")
+        lines += [f"  - {f.code} {f.name}: {f.message}" for f in shown]
+    return "\n".join(lines) + "\n"
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # the library removes its partial dir on the way out
+
 
 def register(app: typer.Typer) -> None:
-    """Add the command to the app (not implemented yet)."""
+    """Add `merge` to the app."""
+    from llava_doctor.cli import BaseOpt, ProjectorOpt, _color, _fail
+
+    @app.command("merge")
+    def merge_cmd(
+        lora_dir: Annotated[Path, typer.Argument(help="The LoRA output directory.")],
+        out: Annotated[Path, typer.Option("--out", help="Directory to create for the merged "
+                                          "model (must not exist unless --overwrite).")],
+        base: BaseOpt = None,
+        projector: ProjectorOpt = None,
+        device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N "
+                                            "(auto: CUDA when torch sees a GPU).")] = "auto",
+        dtype: Annotated[str, typer.Option("--dtype", help="float16 | bfloat16 | float32 | auto "
+                                           "(auto keeps the base's dtypes).")] = "float16",
+        max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output "
+                                                    "shard, e.g. 5GB, 500MB, 2GiB.")] = "5GB",
+        force: Annotated[bool, typer.Option("--force", help="Merge even when the checks find "
+                                            "errors.")] = False,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out "
+                                                "(only once the new one is complete).")] = False,
+        verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Re-read and check "
+                                             "the output before installing it.")] = True,
+        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    ) -> None:
+        """Merge a LLaVA LoRA into its base: streaming, exact (peft's maths), verified.
+
+        Exit 0 merged, 1 refused or failed (nothing written to --out), 2 usage error.
+        """
+        from llava_doctor.errors import DoctorError
+        from llava_doctor.merge import PreflightRefused, merge
+        from llava_doctor.report import RENDERERS
+
+        # A file-size limit must surface as EFBIG (a clear "disk full" error), not kill us.
+        if hasattr(signal, "SIGXFSZ"):
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        bar = _ProgressBar() if not quiet and sys.stderr.isatty() else None
+        try:
+            if bar is not None:
+                with bar:
+                    result = merge(lora_dir, base, out, projector=projector, device=device,
+                                   dtype=dtype, max_shard_size=max_shard_size, force=force,
+                                   overwrite=overwrite, verify=verify, observer=bar)
+            else:
+                result = merge(lora_dir, base, out, projector=projector, device=device,
+                               dtype=dtype, max_shard_size=max_shard_size, force=force,
+                               overwrite=overwrite, verify=verify)
+        except PreflightRefused as e:
+            sys.stdout.write(RENDERERS["text"](e.report, color=_color()))
+            raise _fail(e) from None
+        except DoctorError as e:
+            raise _fail(e) from None
+        sys.stdout.write(render_summary(result, lora_dir))
+        raise typer.Exit(0)

@@ -1,0 +1,321 @@
+"""Execute a `MergePlan`: read each tensor in row blocks, merge on the device in float32, cast
+once to the output dtype, and write the bytes at their planned offset.
+
+Memory: a handful of row blocks (a few MB each), the LoRA matrices of the module being merged,
+and, only for tensors that cannot be split into rows (DoRA on a transposed weight, 1-d tensors,
+files that are not readable in place), that one tensor. Nothing scales with the model.
+
+Two threads: this one reads and computes (torch runs its kernels on its own thread pool), a
+writer thread `pwrite`s finished blocks and feeds them to the shard's sha256. Both release the
+GIL in the heavy parts, so I/O, hashing and maths overlap. The writer's queue is bounded, so a
+slow disk slows the reader instead of filling memory.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llava_doctor.errors import MergeError
+from llava_doctor.merge.lora_math import LoraTensors, apply_bias, apply_rows
+from llava_doctor.merge.plan import MergePlan, PlannedShard, PlannedTensor
+from llava_doctor.merge.sources import TensorSource, row_bytes, torch_dtype
+from llava_doctor.merge.writer import ShardWriter
+
+if TYPE_CHECKING:
+    import torch
+
+# Elements per row block: 1M float32 = 4 MB, small enough for L2/L3-friendly passes and large
+# enough that per-block overhead is noise (measured: 512x2048 blocks beat whole 5504x2048
+# matrices on a 2-core machine, because nothing has to be page-faulted in afresh).
+BLOCK_ELEMS = 1 << 20
+QUEUE_DEPTH = 4
+
+
+@dataclass(frozen=True)
+class MergeEvent:
+    """Progress, sent to the observer the caller passes (the CLI draws a bar from it)."""
+
+    phase: str          # "checks" | "plan" | "write" | "verify" | "finalize" | "done"
+    done: int = 0       # tensors finished in this phase
+    total: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    tensor: str | None = None
+
+
+Observer = Callable[[MergeEvent], None]
+
+
+class _Pool:
+    """Reusable output buffers; a block larger than the pool's size gets its own."""
+
+    def __init__(self, count: int, nbytes: int, alive: Callable[[], None]):
+        import torch
+
+        self.nbytes = nbytes
+        self._alive = alive
+        self._free: queue.Queue[Any] = queue.Queue()
+        for _ in range(count):
+            self._free.put(torch.empty(nbytes, dtype=torch.uint8))
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        import torch
+
+        if nbytes > self.nbytes:
+            return torch.empty(nbytes, dtype=torch.uint8)
+        while True:
+            try:
+                return self._free.get(timeout=0.2)
+            except queue.Empty:
+                self._alive()  # the writer died: stop waiting for buffers it will never return
+
+    def give(self, buf: torch.Tensor) -> None:
+        if buf.numel() == self.nbytes:
+            self._free.put(buf)
+
+
+class _Writer(threading.Thread):
+    """Writes queued blocks in order; finishing a shard records its sha256."""
+
+    def __init__(self, pool: _Pool):
+        super().__init__(name="llava-doctor-writer", daemon=True)
+        self.q: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_DEPTH)
+        self.pool = pool
+        self.error: BaseException | None = None
+        self.hashes: dict[str, str] = {}
+
+    def run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # drain after a failure so the producer never blocks
+            try:
+                kind, writer, *rest = item
+                if kind == "block":
+                    offset, buf, nbytes = rest
+                    writer.write(memoryview(buf.numpy())[:nbytes], offset)
+                    self.pool.give(buf)
+                else:
+                    self.hashes[writer.path.name] = writer.finish()
+            except BaseException as e:  # surfaced in the main thread by check()
+                self.error = e
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, item: Any) -> None:
+        while True:
+            self.check()
+            try:
+                self.q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+
+class SourcePool:
+    """Open input files; a base shard's fallback tensors are freed when the next one starts."""
+
+    def __init__(self, plan: MergePlan):
+        self.plan = plan
+        self._open: dict[Path, TensorSource] = {}
+        self._last_base: Path | None = None
+
+    def get(self, path: Path, origin: str) -> TensorSource:
+        if origin == "base" and path != self._last_base:
+            if self._last_base is not None and self._last_base in self._open:
+                self._open[self._last_base].close()  # fds reopen lazily; frees fallback loads
+            self._last_base = path
+        src = self._open.get(path)
+        if src is None:
+            src = self._open[path] = TensorSource(self.plan.files[path])
+        return src
+
+    def close(self) -> None:
+        for src in self._open.values():
+            src.close()
+        self._open.clear()
+
+
+def _row_plan(t: PlannedTensor, direct: bool) -> tuple[int, int]:
+    """(rows in the tensor, rows per block); one block when the tensor cannot be split."""
+    shape = t.shape
+    if len(shape) < 2 or shape[0] == 0:
+        return 1, 1
+    rows = shape[0]
+    if not direct or (t.lora is not None and t.lora.whole_tensor):
+        return rows, rows
+    cols = prod(shape[1:])
+    return rows, max(1, min(rows, BLOCK_ELEMS // max(1, cols)))
+
+
+class Executor:
+    """Streams one plan into a partial directory."""
+
+    def __init__(self, plan: MergePlan, out_dir: Path, device: str, *,
+                 observer: Observer | None = None, durable: bool = True,
+                 check_finite: bool = True):
+        self.check_finite = check_finite
+        self.plan = plan
+        self.out_dir = out_dir
+        self.device = device
+        self.observer = observer
+        self.durable = durable
+
+    def _emit(self, **kw: Any) -> None:
+        if self.observer is not None:
+            self.observer(MergeEvent(**kw))
+
+    def run(self) -> dict[str, str]:
+        """Write every shard; returns {shard file name: sha256 of what was written}."""
+        import torch
+
+        sources = SourcePool(self.plan)
+        writer_holder: list[_Writer] = []
+
+        def alive() -> None:
+            if writer_holder:
+                writer_holder[0].check()
+
+        pool = _Pool(QUEUE_DEPTH + 2, BLOCK_ELEMS * 4, alive)
+        writer = _Writer(pool)
+        writer_holder.append(writer)
+        writer.start()
+        open_shards: list[ShardWriter] = []
+        total = len(self.plan.tensors)
+        bytes_total = self.plan.total_size
+        done = 0
+        bytes_done = 0
+        cuda = self.device.startswith("cuda")
+        # float32 scratch for CPU blocks, reused (a fresh 4 MB allocation per block costs page
+        # faults that show up in the profile).
+        self._work = torch.empty(BLOCK_ELEMS, dtype=torch.float32) if not cuda else None
+        self._inbuf = torch.empty(BLOCK_ELEMS * 8, dtype=torch.uint8, pin_memory=cuda)
+        try:
+            self._emit(phase="write", done=0, total=total, bytes_total=bytes_total)
+            for shard in self.plan.shards:
+                sw = ShardWriter(self.out_dir / shard.filename, shard.header, shard.data_size,
+                                 durable=self.durable)
+                open_shards.append(sw)
+                for t in shard.tensors:
+                    self._tensor(t, shard, sw, sources, writer, pool)
+                    done += 1
+                    bytes_done += t.nbytes
+                    self._emit(phase="write", done=done, total=total, bytes_done=bytes_done,
+                               bytes_total=bytes_total, tensor=t.name)
+                writer.put(("finish", sw))
+            writer.put(None)
+            writer.join()
+            writer.check()
+            return dict(writer.hashes)
+        except BaseException:
+            writer.error = writer.error or RuntimeError("aborted")
+            try:
+                writer.q.put_nowait(None)
+            except queue.Full:
+                pass
+            writer.join(timeout=10)
+            for sw in open_shards:
+                sw.abort()
+            raise
+        finally:
+            sources.close()
+
+    # --- one tensor ---------------------------------------------------------------------------
+    def _lora_tensors(self, t: PlannedTensor, adapter: TensorSource) -> LoraTensors | None:
+        if t.lora is None:
+            return None
+        dev = self.device
+
+        def get(key: str) -> torch.Tensor:
+            import torch
+
+            return adapter.tensor(key).to(device=dev, dtype=torch.float32)
+
+        spec = t.lora
+        mag = get(spec.magnitude).reshape(-1) if spec.magnitude is not None else None
+        return LoraTensors(A=get(spec.a), B=get(spec.b), magnitude=mag)
+
+    def _tensor(self, t: PlannedTensor, shard: PlannedShard, sw: ShardWriter,
+                sources: SourcePool, writer: _Writer, pool: _Pool) -> None:
+        import torch
+
+        if t.nbytes == 0:
+            return  # an empty tensor has a header entry and no bytes
+        info = t.source.info
+        src = sources.get(t.source.file, t.source.origin)
+        adapter = sources.get(self.plan.adapter_path, "adapter")
+        lt = self._lora_tensors(t, adapter)
+        lbias = (adapter.tensor(t.lora_bias).to(device=self.device, dtype=torch.float32)
+                 if t.lora_bias is not None else None)
+        in_dt = torch_dtype(info.dtype)
+        out_dt = torch_dtype(t.dtype)
+        direct = src.direct(t.source.key)
+        whole = None if direct else src.tensor(t.source.key)
+        rows, step = _row_plan(t, direct)
+        in_row = row_bytes(info)
+        out_row = (t.nbytes // rows) if rows else 0
+        shape_tail = t.shape[1:] if len(t.shape) >= 2 else t.shape
+        base_offset = len(shard.header) + t.begin
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            n_out = (stop - start) * out_row if len(t.shape) >= 2 else t.nbytes
+            n_in = (stop - start) * in_row if len(t.shape) >= 2 else info.nbytes
+            block_shape = ((stop - start), *shape_tail) if len(t.shape) >= 2 else t.shape
+            out_buf = pool.take(n_out)
+            if not t.needs_compute and direct:
+                # A plain copy: the file's bytes go to the writer untouched.
+                if n_in:
+                    src.read_into(t.source.key, start, stop - start,
+                                  memoryview(out_buf.numpy())[:n_in])
+                writer.put(("block", sw, base_offset + start * out_row, out_buf, n_out))
+                continue
+            if whole is not None:
+                x = whole[start:stop] if len(t.shape) >= 2 else whole
+            else:
+                buf = self._inbuf if n_in <= self._inbuf.numel() else torch.empty(
+                    n_in, dtype=torch.uint8)
+                if n_in:
+                    src.read_into(t.source.key, start, stop - start,
+                                  memoryview(buf.numpy())[:n_in])
+                x = buf[:n_in].view(in_dt).view(block_shape)
+            out_view = out_buf[:n_out].view(out_dt).view(block_shape)
+            if lt is None and lbias is None:
+                out_view.copy_(x)  # dtype change only: one rounding
+            else:
+                w = self._float32(x, block_shape)
+                if lt is not None:
+                    apply_rows(w.view(stop - start, -1), t.lora, lt, start, stop)  # type: ignore[arg-type]
+                if lbias is not None:
+                    apply_bias(w, lbias, t.bias_scaling)
+                if w.device.type != "cpu":
+                    w = w.to(out_dt)  # round on the device, move half the bytes
+                out_view.copy_(w)  # the one rounding to the output dtype
+                if self.check_finite and not bool(torch.isfinite(out_view).all()):
+                    raise MergeError(
+                        f"merged tensor '{t.name}' has values that are NaN or too large for "
+                        f"{t.dtype} (the LoRA delta overflows it)", path=self.plan.adapter_path,
+                        hint="merge with --dtype bfloat16 or float32 (LD503), or check the "
+                             "adapter for NaN/Inf (LD205)")
+            writer.put(("block", sw, base_offset + start * out_row, out_buf, n_out))
+
+    def _float32(self, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        import torch
+
+        if self.device == "cpu":
+            n = x.numel()
+            w = (self._work[:n] if self._work is not None and n <= self._work.numel()
+                 else torch.empty(n, dtype=torch.float32))
+            w = w.view(shape)
+            w.copy_(x)
+            return w
+        return x.to(device=self.device, dtype=torch.float32, non_blocking=True)

@@ -1,0 +1,198 @@
+"""A safetensors shard writer that writes the header first and each tensor's bytes in place.
+
+The whole layout of a shard (names, dtypes, shapes, offsets) is known from the plan before any
+tensor is computed, so the header goes to disk first, the file is given its final size at once
+(``posix_fallocate``: a full disk fails here, before minutes of work, rather than at the last
+tensor), and every block is written at its planned offset with ``pwrite``. The sha256 of the
+file is computed from the bytes as they are written; verification later re-reads the file and
+compares.
+
+Test hook: with ``LLAVA_DOCTOR_TEST_ABORT_AFTER_WRITES=N`` in the environment the process
+SIGKILLs itself right after its N-th write (tensor blocks, JSON files, copies and the final
+rename all count), which is how the crash tests stop a merge at a chosen point.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import struct
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from llava_doctor.errors import MergeError
+
+ABORT_ENV = "LLAVA_DOCTOR_TEST_ABORT_AFTER_WRITES"
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+_count_lock = threading.Lock()
+_writes = 0
+
+
+def crash_point() -> None:
+    """Count one write; SIGKILL this process at the N-th when the test switch is set."""
+    global _writes
+    limit = os.environ.get(ABORT_ENV)
+    if not limit:
+        return
+    with _count_lock:
+        _writes += 1
+        hit = _writes >= int(limit)
+    if hit:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def io_error(e: OSError, path: Path | str, action: str) -> MergeError:
+    """A one-line MergeError for an OSError while writing; disk full gets its own remedy."""
+    if e.errno in _FULL:
+        why = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EFBIG: "file size limit exceeded"}[e.errno]
+        return MergeError(f"{why} while {action}", path=path,
+                          hint="free space (or raise the limit) or choose an --out on another "
+                               "disk; nothing was written to --out")
+    return MergeError(f"{action} failed: {e.strerror or e}", path=path,
+                      hint="check permissions and free space; nothing was written to --out")
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    """One tensor of a shard as its header describes it."""
+
+    name: str
+    dtype: str  # safetensors dtype string
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def build_header(entries: Iterable[HeaderEntry], metadata: dict[str, str] | None = None,
+                 ) -> tuple[bytes, list[tuple[int, int]]]:
+    """The 8-byte length plus JSON header of a shard, and each entry's data offsets.
+
+    Tensors are laid out contiguously in the order given; the JSON is padded with spaces to a
+    multiple of 8 bytes, as safetensors' own writer does, so tensor data stays aligned.
+    """
+    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offsets: list[tuple[int, int]] = []
+    pos = 0
+    for e in entries:
+        if e.name in header:
+            raise AssertionError(f"duplicate tensor {e.name} in one shard")  # a planning bug
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape),
+                          "data_offsets": [pos, pos + e.nbytes]}
+        offsets.append((pos, pos + e.nbytes))
+        pos += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+class ShardWriter:
+    """Writes one shard: header at creation, then tensor bytes strictly in planned order."""
+
+    def __init__(self, path: Path, header: bytes, data_size: int, *, durable: bool = True):
+        self.path = path
+        self.size = len(header) + data_size
+        self.durable = durable
+        try:
+            self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as e:
+            raise io_error(e, path, "creating the shard") from None
+        try:
+            self._reserve()
+            self._pwrite(memoryview(header), 0)
+        except BaseException:
+            self.abort()
+            raise
+        self._sha = hashlib.sha256(header)
+        self.pos = len(header)
+
+    def _reserve(self) -> None:
+        if not hasattr(os, "posix_fallocate") or self.size == 0:
+            return
+        try:
+            os.posix_fallocate(self._fd, 0, self.size)  # type: ignore[arg-type]
+        except OSError as e:
+            if e.errno in _FULL:
+                raise io_error(e, self.path, f"reserving {self.size:,} bytes for the shard"
+                               ) from None
+            # EOPNOTSUPP / EINVAL on file systems without fallocate: just write.
+
+    def _pwrite(self, data: memoryview, offset: int) -> None:
+        done = 0
+        n = len(data)
+        try:
+            while done < n:
+                done += os.pwrite(self._fd, data[done:], offset + done)  # type: ignore[arg-type]
+        except OSError as e:
+            raise io_error(e, self.path, "writing the shard") from None
+        crash_point()
+
+    def write(self, data: memoryview, offset: int) -> None:
+        """Write ``data`` at absolute file ``offset``, which must be where the last write ended."""
+        if offset != self.pos:
+            raise AssertionError(f"{self.path.name}: out-of-order write at {offset}, "
+                                 f"expected {self.pos}")  # a bug in the executor
+        self._pwrite(data, offset)
+        self._sha.update(data)
+        self.pos += len(data)
+
+    def finish(self) -> str:
+        """Check the shard is complete, flush it to disk, close it; returns its sha256 (hex)."""
+        if self.pos != self.size:
+            raise AssertionError(f"{self.path.name}: wrote {self.pos} of {self.size} bytes")
+        try:
+            if self.durable:
+                os.fsync(self._fd)  # type: ignore[arg-type]
+        except OSError as e:
+            raise io_error(e, self.path, "flushing the shard to disk") from None
+        finally:
+            self.abort()
+        return self._sha.hexdigest()
+
+    def abort(self) -> None:
+        """Close without checks (the partial directory is removed by the caller)."""
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+
+
+def write_file(path: Path, data: bytes, *, durable: bool = True) -> str:
+    """Write a small file (JSON, tokenizer) into the partial dir; returns its sha256."""
+    try:
+        with open(path, "xb") as f:
+            f.write(data)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+    except OSError as e:
+        raise io_error(e, path, f"writing {path.name}") from None
+    crash_point()
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_json(path: Path, obj: object, *, durable: bool = True) -> str:
+    """`write_file` of ``obj`` as transformers writes configs (indent 2, sorted keys)."""
+    return write_file(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"),
+                      durable=durable)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (new files, a rename) durable; best effort off Linux."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
