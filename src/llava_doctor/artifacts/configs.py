@@ -140,7 +140,13 @@ class GenerationConfig(_View):
 
 
 def load_model_config(path: Path | str) -> ModelConfig:
-    return ModelConfig.model_validate(read_json(path))
+    data = read_json(path)
+    try:
+        return ModelConfig.model_validate(data)
+    except Exception as e:  # pydantic ValidationError: a field of the wrong type
+        raise FileCorruptError(f"has a field of the wrong type ({_first_error(e)})", path=path,
+                               rule="invalid-config",
+                               hint="restore config.json from the training output") from None
 
 
 def load_adapter_config(path: Path | str) -> AdapterConfig:
@@ -154,7 +160,12 @@ def load_adapter_config(path: Path | str) -> AdapterConfig:
 
 
 def load_generation_config(path: Path | str) -> GenerationConfig:
-    return GenerationConfig.model_validate(read_json(path))
+    data = read_json(path)
+    try:
+        return GenerationConfig.model_validate(data)
+    except Exception as e:  # pydantic ValidationError: a field of the wrong type
+        raise FileCorruptError(f"has a field of the wrong type ({_first_error(e)})", path=path,
+                               rule="invalid-config") from None
 
 
 def _first_error(e: Exception) -> str:
