@@ -113,6 +113,8 @@ def test_jobs_give_the_same_bytes_as_one_job(in_root: Path,
     ([FINAL, "--ignore", "LD101,XX"], "llava-doctor: error: unknown code 'XX' in --ignore"),
     ([FINAL, "--format", "yaml"], "Invalid value for '--format'"),
     ([FINAL, "--fail-on", "fatal"], "Invalid value for '--fail-on'"),
+    ([FINAL, "--root", "no-such-dir"],
+     "llava-doctor: error: no-such-dir: --root is not a directory"),
     ([FINAL, "--output", "no-such-dir/report.json"],
      "llava-doctor: error: no-such-dir/report.json: --output's folder does not exist"),
 ])
@@ -218,3 +220,12 @@ def test_clean_run_exits_0(in_root: Path, capsys: pytest.CaptureFixture[str]) ->
     code, out, _ = _run(["check", FINAL, "--select", "LD1", "--isolated"], capsys)
     assert code == 0
     assert out.endswith("No issues found in 1 target(s).\n")
+
+
+def test_a_dangling_symlink_is_not_silently_clean(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    link = tmp_path / "run"
+    link.symlink_to(tmp_path / "gone")
+    code, out, err = _run(["check", str(link), "--isolated"], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith(f"llava-doctor: error: {link}: does not exist: nothing to check")

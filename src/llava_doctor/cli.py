@@ -148,6 +148,9 @@ def check(
         targets = collect_targets(paths or [], recursive or [])
         if output is not None:
             check_output_path(output)
+        if root is not None and not root.is_dir():
+            raise UsageError("--root is not a directory", path=root,
+                             hint="pass the repository root the report paths are relative to")
         opts = Options(base=base or cfg.base, projector=projector or cfg.projector,
                        peft_version=peft_version or cfg.peft_version or _installed_peft(),
                        fast=fast, scan_base=scan_base, out=out)

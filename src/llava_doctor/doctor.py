@@ -147,7 +147,7 @@ def collect_targets(paths: Sequence[Path | str] = (), recursive: Sequence[Path |
     for raw in paths:
         text = str(raw)
         p = Path(text)
-        if p.exists() or p.is_symlink():
+        if p.exists():
             found.append(p.parent if p.is_file() else p)
             continue
         if _GLOB_CHARS & set(text):
