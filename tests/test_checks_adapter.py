@@ -518,3 +518,21 @@ def test_ld209_vision_tower_lora(art: dict[str, Path], tmp_path: Path) -> None:
 def test_ld209_negatives(art: dict[str, Path], scenarios: dict[str, Path]) -> None:
     assert run(art["lora"], "LD209").findings == []
     assert run(scenarios["task-lora"], "LD209").findings == []
+
+
+def test_ld203_invalid_pattern_regex_is_reported_not_a_crash(art: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    d = copy(art["lora"], tmp_path / "llava-v1.5-tiny-lora")
+    edit_json(d / ACFG, rank_pattern={"q_proj(": 4})
+    f = only(run(d, "LD203", base=art["base"]), "LD203")
+    assert (f.code, Path(f.path)) == ("LD203", d / ACFG)
+    assert "is not a valid regular expression" in f.message
+
+
+def test_ld202_invalid_regex(art: dict[str, Path], tmp_path: Path) -> None:
+    d = copy(art["lora"], tmp_path / "llava-v1.5-tiny-lora")
+    edit_json(d / ACFG, target_modules="model.(q_proj")
+    f = only(run(d, "LD202", base=art["base"]), "LD202")
+    assert (f.code, Path(f.path)) == ("LD202", d / ACFG)
+    assert "is not a valid regular expression" in f.message
+    assert run_checks([d], Options(base=art["base"]), select=["LD207"]).findings == []

@@ -416,8 +416,9 @@ def target_modules_missing(ctx: Context) -> Iterable[Hit]:
     try:
         matched = [n for n in mods.wrappable if config_matches(cfg, n, mods.linear)]
     except re.error as e:
-        yield Hit(f"{path}: target_modules {_json(cfg.target_modules)} is not a valid regular "
-                  f"expression ({e}); peft fails with re.error. Correct it", path=path,
+        yield Hit(f"{path}: target_modules {_json(cfg.target_modules)} (or an exclude_modules/"
+                  f"modules_to_save entry, which peft also reads as a regex) is not a valid "
+                  f"regular expression ({e}); peft fails with re.error. Correct it", path=path,
                   evidence={"target_modules": cfg.target_modules, "regex_error": str(e)})
         return
     if matched:
@@ -506,6 +507,7 @@ def adapter_shape_mismatch(ctx: Context) -> Iterable[Hit]:
     version = _target_version(ctx)
     dims: list[dict[str, Any]] = []
     ranks: list[dict[str, Any]] = []
+    bad_pattern: str | None = None
     for mod in parse_adapter_keys(ad.tensors).modules.values():
         info = mods.modules.get(mod.name)
         if info is None:
@@ -520,8 +522,12 @@ def adapter_shape_mismatch(ctx: Context) -> Iterable[Hit]:
         if a is not None and b is not None and a[0] != b[1]:
             dims.append({"key": b_key, "expected": [b[0], a[0]], "actual": list(b),
                          "why": f"lora_A has rank {a[0]} but lora_B has rank {b[1]}"})
-        if cfg is not None and file_r is not None and (a_key or b_key):
-            want_r, _ = effective_r_alpha(cfg, mod.name, version)
+        if cfg is not None and file_r is not None and (a_key or b_key) and bad_pattern is None:
+            try:
+                want_r, _ = effective_r_alpha(cfg, mod.name, version)
+            except re.error as e:
+                bad_pattern = str(e)
+                want_r = file_r
             if want_r != file_r:
                 ranks.append({"module": mod.name, "config_r": want_r, "file_r": file_r,
                               "key": a_key or b_key})
@@ -543,6 +549,12 @@ def adapter_shape_mismatch(ctx: Context) -> Iterable[Hit]:
                   "another model: use the base it was trained on", path=ad.path,
                   evidence={"mismatches": dims[:_SHOW], "count": len(dims),
                             "modules_source": mods.source})
+    if bad_pattern is not None:
+        acfg = ctx.file("adapter_config.json")
+        yield Hit(f"{acfg}: a rank_pattern/alpha_pattern key is not a valid regular expression "
+                  f"({bad_pattern}); peft fails with re.error while building the LoRA layers. "
+                  "Correct the pattern", path=acfg or ad.path,
+                  evidence={"regex_error": bad_pattern})
     if ranks:
         k = ranks[0]
         seen = sorted({(x["config_r"], x["file_r"]) for x in ranks})
