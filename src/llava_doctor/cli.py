@@ -114,8 +114,8 @@ def check(
     strict: Annotated[bool, typer.Option("--strict", help="Same as --fail-on warning.")] = False,
     exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even with findings "
                                             "(usage errors still exit 2).")] = False,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", min=0, metavar="N", help="Check N targets in "
-                                      "parallel (0: one per CPU).")] = 1,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=0, metavar="N",
+                                      help="Check N targets in parallel (0: one per CPU).")] = 1,
     fast: Annotated[bool, typer.Option("--fast", help="Headers only: read no tensor values.")
                     ] = False,
     scan_base: Annotated[bool, typer.Option("--scan-base", help="Also read base tensor values.")
@@ -159,9 +159,9 @@ def check(
                             jobs=jobs or (os.cpu_count() or 1), on_target=progress)
         report = cfg.apply(report)
         text = RENDERERS[fmt.value](report, root=root, fail_on=threshold,
-                              lines=json_key_lines(report),
-                              color=output is None and fmt == Format.text and _color(),
-                              verbose=verbose)
+                                    lines=json_key_lines(report),
+                                    color=output is None and fmt == Format.text and _color(),
+                                    verbose=verbose)
         if output is not None:
             write_atomic(output, text)
             c = report.counts

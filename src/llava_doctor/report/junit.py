@@ -45,7 +45,8 @@ def render_junit(report: Report, *, root: str | os.PathLike[str] | None = None,
                 case.result = [Skipped(outcome.reason or "skipped")]
             elif outcome.status == CheckStatus.crashed:
                 err = Error(outcome.reason or "the check crashed", type_="crash")
-                err.text = "\n".join(_finding_line(f, root) for f in found) or None
+                if found:
+                    err.text = "\n".join(_finding_line(f, root) for f in found)
                 case.result = [err]
             elif found:
                 blocking = [f for f in found if f.severity.rank >= fail_on.rank]
