@@ -536,3 +536,10 @@ def test_ld202_invalid_regex(art: dict[str, Path], tmp_path: Path) -> None:
     assert (f.code, Path(f.path)) == ("LD202", d / ACFG)
     assert "is not a valid regular expression" in f.message
     assert run_checks([d], Options(base=art["base"]), select=["LD207"]).findings == []
+
+
+def test_ld206_unrecognised_set_field(art: dict[str, Path], tmp_path: Path) -> None:
+    d = copy(art["lora"], tmp_path / "llava-v1.5-tiny-lora")
+    edit_json(d / ACFG, my_fork_option=3, my_fork_unused=None)
+    f = only(run(d, "LD206"), "LD206")
+    assert f.evidence == {"field": "my_fork_option", "value": 3, "unrecognised": True}

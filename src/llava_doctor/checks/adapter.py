@@ -686,6 +686,7 @@ _UNSUPPORTED: dict[str, str] = {
     "use_bdlora": "block-diagonal lora_A/lora_B",
     "monteclora_config": "MonteCLoRA samples the adapter variationally",
     "kasa_config": "KaSA truncates the base weight's singular values and adds a diagonal",
+    "enable_lora": "peft 0.2's MergedLinear puts LoRA on chosen slices of a fused layer",
 }
 
 
@@ -696,9 +697,9 @@ def unsupported_adapter_variant(ctx: Context) -> Iterable[Hit]:
     ## What it does
     Flags `peft_type` other than `LORA` (AdaLoRA, LoHa, IA3, ...), PiSSA/OLoRA/CorDA/LoftQ/
     LoRA-GA initialisation (`init_lora_weights`), `layer_replication`, `target_parameters`,
-    `trainable_token_indices`, QA-LoRA, aLoRA, Arrow, BD-LoRA, MonteCLoRA and KaSA: everything
-    a `W + scale * B @ A` merge (with rslora, DoRA, LoRA biases, embeddings and
-    `modules_to_save`) cannot reproduce.
+    `trainable_token_indices`, QA-LoRA, aLoRA, Arrow, BD-LoRA, MonteCLoRA, KaSA, peft 0.2's
+    `enable_lora`, and set fields no peft release knows: everything a `W + scale * B @ A` merge
+    (with rslora, DoRA, LoRA biases, embeddings and `modules_to_save`) cannot reproduce.
 
     ## Why is this bad?
     PiSSA-style initialisations subtract the principal components from the base weights at
@@ -741,6 +742,16 @@ def unsupported_adapter_variant(ctx: Context) -> Iterable[Hit]:
         yield Hit(f"{path}: {key} is {_json(value)}: {why}. A weight merge cannot reproduce it; "
                   "use the training framework's own merge", path=path,
                   evidence={"field": key, "value": value})
+    # A set key no peft release in our table knows: what it does to the maths is unknown, so
+    # neither this check nor the merge can vouch for an exact result.
+    for key, value in raw.items():
+        if key in peft_versions.FIELDS or value in (None, False, [], {}, "", 0):
+            continue
+        yield Hit(f"{path}: {key} is {_json(value)}, a field no peft release up to "
+                  f"{peft_versions.LATEST_KNOWN} has; whether it changes the maths cannot be told, "
+                  "so the merge cannot promise an exact result. Check where the key comes from "
+                  "(a newer peft or a fork) and merge with that library", path=path,
+                  evidence={"field": key, "value": value, "unrecognised": True})
 
 
 def _converted_note(ctx: Context, raw: dict[str, Any]) -> str:
