@@ -229,3 +229,22 @@ def test_a_dangling_symlink_is_not_silently_clean(tmp_path: Path,
     code, out, err = _run(["check", str(link), "--isolated"], capsys)
     assert code == 2 and out == ""
     assert err.startswith(f"llava-doctor: error: {link}: does not exist: nothing to check")
+
+
+def test_sarif_and_annotations_point_at_the_json_key_a_real_check_names(
+        scenarios: dict[str, Path], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # LD406 names the config field it is about (evidence "field": "model_type").
+    monkeypatch.chdir(scenarios["base-vicuna"].parent)
+    run = scenarios["lora-qlora"].name
+    lines = (scenarios["lora-qlora"] / "config.json").read_text(encoding="utf-8").splitlines()
+    (line,) = [i for i, text in enumerate(lines, 1) if text.lstrip().startswith('"model_type"')]
+    argv = ["check", run, "--select", "LD406", "--isolated"]
+    _, out, _ = _run([*argv, "--format", "sarif"], capsys)
+    (res,) = json.loads(out)["runs"][0]["results"]
+    loc = res["locations"][0]["physicalLocation"]
+    assert loc["artifactLocation"]["uri"] == f"{run}/config.json"
+    assert loc["region"]["startLine"] == line
+    _, out, _ = _run([*argv, "--format", "github"], capsys)
+    assert out.startswith(f"::warning file={run}/config.json,line={line},col=3,endColumn=15,"
+                          "title=LD406 model-type-collision::")
