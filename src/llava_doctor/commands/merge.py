@@ -128,10 +128,12 @@ def register(app: typer.Typer) -> None:
         from llava_doctor.merge import PreflightRefused, merge
         from llava_doctor.report import RENDERERS
 
-        # A file-size limit must surface as EFBIG (a clear "disk full" error), not kill us.
-        if hasattr(signal, "SIGXFSZ"):
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+        # A file-size limit must surface as EFBIG (a clear "disk full" error), not kill us; a
+        # SIGTERM unwinds like Ctrl-C so the partial directory is removed. Restored afterwards
+        # for callers that run the command in-process (tests).
+        saved = {sig: signal.signal(sig, handler) for sig, handler in (
+            (getattr(signal, "SIGXFSZ", None), signal.SIG_IGN),
+            (signal.SIGTERM, _raise_interrupt)) if sig is not None}
         bar = _ProgressBar() if not quiet and sys.stderr.isatty() else None
         try:
             if bar is not None:
@@ -148,5 +150,8 @@ def register(app: typer.Typer) -> None:
             raise _fail(e) from None
         except DoctorError as e:
             raise _fail(e) from None
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
         sys.stdout.write(render_summary(result, lora_dir))
         raise typer.Exit(0)

@@ -196,9 +196,13 @@ class Executor:
         done = 0
         bytes_done = 0
         cuda = self.device.startswith("cuda")
-        # float32 scratch for CPU blocks, reused (a fresh 4 MB allocation per block costs page
-        # faults that show up in the profile).
-        self._work = torch.empty(BLOCK_ELEMS, dtype=torch.float32) if not cuda else None
+        # float32 scratch for blocks merged on the plain "cpu" device, reused (a fresh 4 MB
+        # allocation per block costs page faults that show up in the profile). Any other device
+        # (cuda:N; "cpu:0" in the tests, which runs this same device path on the CPU) gets
+        # each block with `.to(device, float32)`.
+        self._work = (torch.empty(BLOCK_ELEMS, dtype=torch.float32)
+                      if self.device == "cpu" else None)
+        # Pinned, so host-to-GPU copies of a block can run asynchronously.
         self._inbuf = torch.empty(BLOCK_ELEMS * 8, dtype=torch.uint8, pin_memory=cuda)
         try:
             self._emit(phase="write", done=0, total=total, bytes_total=bytes_total)
@@ -311,11 +315,12 @@ class Executor:
     def _float32(self, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         import torch
 
-        if self.device == "cpu":
+        if self._work is not None:
             n = x.numel()
-            w = (self._work[:n] if self._work is not None and n <= self._work.numel()
+            w = (self._work[:n] if n <= self._work.numel()
                  else torch.empty(n, dtype=torch.float32))
             w = w.view(shape)
             w.copy_(x)
             return w
-        return x.to(device=self.device, dtype=torch.float32, non_blocking=True)
+        # copy=True: the block is merged in place, and `x` may be a cached source tensor.
+        return x.to(device=self.device, dtype=torch.float32, non_blocking=True, copy=True)
