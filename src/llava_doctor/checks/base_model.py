@@ -191,7 +191,7 @@ def base_mismatch(ctx: Context) -> Iterable[Hit]:
         return
     recorded = _recorded_base(ctx) or ctx.config.name_or_path
     listing = ", ".join(f"{k} {v['lora']} vs {v['base']}" for k, v in diff.items())
-    path = ctx.base_path / "config.json"  # type: ignore[operator]
+    path = _need_base(ctx) / "config.json"
     yield Hit(f"{path}: the base is not the model the LoRA was trained on (LoRA config.json vs "
               f"base: {listing}); LLaVA's merge fails with size mismatches or loads a wrongly "
               f"shaped model. Pass the base the LoRA was trained on"
@@ -265,7 +265,7 @@ def vocab_mismatch(ctx: Context) -> Iterable[Hit]:
     fix` sets `mm_use_im_patch_token: false` (what the v1.5 scripts pass). None otherwise: use
     the base and tokenizer the LoRA was trained with.
     """
-    _need_base(ctx)
+    base_dir = _need_base(ctx)
     if ctx.config is None:
         raise Skip("no readable config.json in the LoRA dir (LD101)")
     vocab = ctx.config.llm_dims.get("vocab_size")
@@ -302,8 +302,7 @@ def vocab_mismatch(ctx: Context) -> Iterable[Hit]:
                       f"is torch.Size([{vocab}, ...])`. The file and the config come from "
                       "different runs", path=wf.path,
                       evidence={"tensor": key, "rows": rows, "vocab_size": vocab})
-    base_dir = ctx.base_path
-    tok_len = tokenizer_length(base_dir) if base_dir is not None else None
+    tok_len = tokenizer_length(base_dir)
     if tok_len is None:
         return  # no readable tokenizer: LD405
     if tok_len > vocab:
@@ -315,7 +314,7 @@ def vocab_mismatch(ctx: Context) -> Iterable[Hit]:
     cfg = lora_config(ctx)
     patch_default = "mm_use_im_patch_token" not in cfg
     use_patch = bool(cfg.get("mm_use_im_patch_token", True))
-    present = known_added_tokens(base_dir)  # type: ignore[arg-type]
+    present = known_added_tokens(base_dir)
     start_end = bool(cfg.get("mm_use_im_start_end"))
     added = [t for t, on in ((IM_PATCH, use_patch), (IM_START, start_end), (IM_END, start_end))
              if on and t not in present]
@@ -624,7 +623,7 @@ def wrong_base_kind(ctx: Context) -> Iterable[Hit]:
     if given is None or given == trained:
         return
     names = f" (recorded base '{recorded}', given '{ctx.base_path}')" if recorded else ""
-    path = ctx.base_path / "config.json"  # type: ignore[operator]
+    path = _need_base(ctx) / "config.json"
     yield Hit(f"{path}: the base is {_KIND_TEXT[given]}, but the LoRA was trained on "
               f"{_KIND_TEXT[trained]} ({signal} in its config.json){names}. LoRA deltas only "
               "make sense on the weights they were trained on: the merge completes and the "

@@ -137,7 +137,7 @@ def _keys(keys: Iterable[str], n: int = 6) -> str:
     return ", ".join(f"'{k}'" for k in ks[:n]) + more
 
 
-def _shape(s: Iterable[int]) -> str:
+def _shape(s: Iterable[object]) -> str:
     return "[" + ", ".join(str(d) for d in s) + "]"
 
 
@@ -176,14 +176,11 @@ def projector_type_mismatch(ctx: Context) -> Iterable[Hit]:
     declared, explicit = declared_type(ctx)
     nl = non_lora_view(ctx)
     nl_proj = nl.projector() if nl is not None else {}
-    if nl_proj:
-        keys, src = nl_proj, nl.wf.path  # type: ignore[union-attr]
-    else:
-        keys = base_projector(ctx)
-        if not keys:
-            raise Skip("no projector weights land from non_lora_trainables.bin or the base "
-                       "(LD302 reports it)")
-        src = ctx.base.path  # type: ignore[union-attr]
+    keys = nl_proj or base_projector(ctx)
+    if not keys:
+        raise Skip("no projector weights land from non_lora_trainables.bin or the base "
+                   "(LD302 reports it)")
+    src = nl.wf.path if nl is not None and nl_proj else ctx.base_path
     inferred = projector_type_of(keys)
     if inferred == declared:
         return
@@ -364,7 +361,7 @@ def projector_not_from_pretrain(ctx: Context) -> Iterable[Hit]:
         raise Skip("--fast: tensor values are not read")
     nl = non_lora_view(ctx)
     nl_proj = nl.projector() if nl is not None else {}
-    if not nl_proj:
+    if nl is None or not nl_proj:
         raise Skip("no fine-tuned projector lands from non_lora_trainables.bin (LD302/LD305)")
     res = ctx.projector_resolved
     start_wf: dict[str, tuple[WeightFile, str]] = {}
@@ -380,18 +377,18 @@ def projector_not_from_pretrain(ctx: Context) -> Iterable[Hit]:
             raise Skip("trained from a LLaVA checkpoint: its starting point is the base's "
                        "projector, whose values are read only with --scan-base")
         for r, name in base_projector(ctx).items():
-            hit = ctx.base.tensors.get(name)  # type: ignore[union-attr]
+            hit = ctx.base.tensors.get(name) if ctx.base is not None else None
             if hit is not None:
                 start_wf[r] = (hit[0], name)
-        start_desc = f"the base's projector ({ctx.base.path})"  # type: ignore[union-attr]
+        start_desc = f"the base's projector ({ctx.base_path})"
     else:
         raise Skip(res.note or "no stage-1 projector to compare with")
     if set(start_wf) != set(nl_proj) or any(
             tuple(start_wf[r][0].tensors[start_wf[r][1]].shape)
-            != tuple(nl.wf.tensors[nl_proj[r]].shape) for r in nl_proj):  # type: ignore[union-attr]
+            != tuple(nl.wf.tensors[nl_proj[r]].shape) for r in nl_proj):
         raise Skip(f"{start_desc} does not have the fine-tuned projector's keys and shapes "
                    "(LD306/LD304 report it)")
-    ft = ctx.tensors(nl.wf, list(nl_proj.values()))  # type: ignore[union-attr]
+    ft = ctx.tensors(nl.wf, list(nl_proj.values()))
     diff_sq = ref_sq = 0.0
     per: dict[str, float] = {}
     for r in sorted(nl_proj):
@@ -417,7 +414,7 @@ def projector_not_from_pretrain(ctx: Context) -> Iterable[Hit]:
               f"more apart (warning above {DISTANCE_THRESHOLD}). The fine-tune probably started "
               "without --pretrain_mm_mlp_adapter, or from another stage-1 run: check the "
               "training command, or pass the right stage-1 file with --projector",
-              path=nl.wf.path,  # type: ignore[union-attr]
+              path=nl.wf.path,
               evidence={"distance": round(dist, 6), "per_tensor": {k: round(v, 6)
                                                                    for k, v in per.items()},
                         "threshold": DISTANCE_THRESHOLD, "reference": start_desc})
@@ -491,8 +488,8 @@ def projector_dims_mismatch(ctx: Context) -> Iterable[Hit]:
     nl_proj = nl.projector() if nl is not None else {}
     bp = {r: n for r, n in base_projector(ctx).items() if r not in nl_proj}
     sources: list[tuple[str, dict[str, tuple[Path, str, TensorInfo]]]] = []
-    if nl_proj:
-        sources.append(("non_lora", {r: (nl.wf.path, k, nl.wf.tensors[k])  # type: ignore[union-attr]
+    if nl is not None and nl_proj:
+        sources.append(("non_lora", {r: (nl.wf.path, k, nl.wf.tensors[k])
                                      for r, k in nl_proj.items()}))
     if bp:
         got = {r: (hit[0], n, hit[1]) for r, n in bp.items() if (hit := _base_info(ctx, n))}
@@ -585,10 +582,10 @@ def projector_keys_dropped(ctx: Context) -> Iterable[Hit]:
         p = canonical_param_name(k)
         target[k] = p if p is not None and params.accepts(p) else None
     # llava-hf has only linear_1/linear_2; a single Linear projector is linear_1 -> `weight`.
-    hf = [k for k in target if _LLAVA_HF.search(k) and target[k]]
-    if declared == "linear" and hf and all(target[k].startswith(PROJ + "0.") for k in hf):  # type: ignore[union-attr]
-        for k in hf:
-            target[k] = PROJ + target[k][len(PROJ + "0."):]  # type: ignore[index]
+    hf = {k: p for k, p in target.items() if p is not None and _LLAVA_HF.search(k)}
+    if declared == "linear" and hf and all(p.startswith(PROJ + "0.") for p in hf.values()):
+        for k, p in hf.items():
+            target[k] = PROJ + p[len(PROJ + "0."):]
     unmappable = sorted(k for k in dropped if target[k] is None)
     owners: dict[str, list[str]] = {}
     for k, p in target.items():
@@ -742,8 +739,8 @@ def pretrain_projector_invalid(ctx: Context) -> Iterable[Hit]:
     for field_, ours, theirs in (("_name_or_path", ctx.config.name_or_path, pc.name_or_path),
                                  ("mm_vision_tower", ctx.config.mm_vision_tower,
                                   pc.mm_vision_tower)):
-        a, b = _norm_name(ours), _norm_name(theirs)
-        if a and b and a != b:
+        mine, other = _norm_name(ours), _norm_name(theirs)
+        if mine and other and mine != other:
             diffs[field_] = {"lora": ours, "pretrain": theirs}
     if diffs:
         listing = "; ".join(f"{f} is '{d['pretrain']}' there and '{d['lora']}' here"
@@ -864,8 +861,8 @@ def image_newline_missing(ctx: Context) -> Iterable[Hit]:
     nl = non_lora_view(ctx)
     key = nl.key_for(NEWLINE) if nl is not None else None
     found: tuple[Path, str, TensorInfo] | None = None
-    if key is not None:
-        found = (nl.wf.path, key, nl.wf.tensors[key])  # type: ignore[union-attr]
+    if nl is not None and key is not None:
+        found = (nl.wf.path, key, nl.wf.tensors[key])
     else:
         if ctx.non_lora_path is not None and nl is None:
             raise Skip("non_lora_trainables.bin is unreadable (LD501/LD502/LD504)")
