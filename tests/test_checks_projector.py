@@ -580,6 +580,15 @@ def test_ld308_unpad_without_image_newline(tmp_path: Path, w: dict[str, Path]) -
     assert "torch.empty" in f.message and "'model.image_newline'" in f.message
 
 
+def test_ld308_newline_under_a_dropped_name_points_at_ld305(tmp_path: Path,
+                                                            w: dict[str, Path]) -> None:
+    run = lora_run(tmp_path, w, mm_patch_merge_type="spatial_unpad", image_newline=True,
+                   non_lora_style="ddp")
+    f = one(run, "LD308")
+    assert f.evidence["dropped_as"] == ["module.base_model.model.model.image_newline"]
+    assert "see LD305" in f.message
+
+
 def test_ld308_newline_from_non_lora_or_base(tmp_path: Path, w: dict[str, Path]) -> None:
     run = lora_run(tmp_path / "a", w, mm_patch_merge_type="spatial_unpad", image_newline=True)
     assert found(run, "LD308") == []

@@ -876,14 +876,18 @@ def image_newline_missing(ctx: Context) -> Iterable[Hit]:
             return  # promised by the index but unreadable: LD401/LD501
     if found is None:
         where = ctx.non_lora_path or (ctx.path / "non_lora_trainables.bin")
+        renamed = sorted(k for k in (nl.dropped if nl is not None else {})
+                         if canonical_param_name(k) == NEWLINE)
+        remedy = (f"It is in the file as '{renamed[0]}', a name LLaVA drops: see LD305, whose "
+                  "fix renames it" if renamed else "Take it from the run's complete "
+                  "non_lora_trainables.bin or the LLaVA base it was trained on")
         yield Hit(f"{ctx.path / 'config.json'}: mm_patch_merge_type is '{merge_type}', so the "
                   f"model has an image_newline parameter, but neither {where.name} (after "
                   f"LLaVA's key rewrite) nor the base {ctx.base_path} provides "
                   f"'{NEWLINE}': it stays torch.empty (uninitialised memory) and the merged "
-                  "model produces garbage on anyres images. Take it from the run's complete "
-                  "non_lora_trainables.bin or the LLaVA base it was trained on",
+                  f"model produces garbage on anyres images. {remedy}",
                   path=where, evidence={"mm_patch_merge_type": merge_type,
-                                        "base": str(ctx.base_path)})
+                                        "base": str(ctx.base_path), "dropped_as": renamed})
         return
     path, key, info = found
     if hidden is not None and info.numel and tuple(info.shape) != (hidden,):
