@@ -233,3 +233,16 @@ def test_explicit_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     code, out, _ = _run(["check", str(run_dir), "--format", "json", "--config", str(cfg)], capsys)
     assert code == 0
     assert json.loads(out)["targets"][0]["checks"] == []
+
+
+def test_unsearchable_folders_are_skipped(tmp_path, monkeypatch) -> None:
+    """Config discovery from a cwd under a folder we may not search: no config, no crash."""
+    from pathlib import Path
+
+    from llava_doctor import config
+
+    def denied(self: Path) -> bool:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(config.Path, "is_file", denied)
+    assert config.find_config_file(tmp_path) is None

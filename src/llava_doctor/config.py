@@ -161,15 +161,24 @@ def _matches(rel: str, pattern: str) -> bool:
 
 # --- finding and reading the file ----------------------------------------------------------------
 
+def _is_file(p: Path) -> bool:
+    # A folder we may not search (another user's home, a locked-down CI workspace) cannot hold
+    # a config we could read: treat it as absent instead of failing the whole run.
+    try:
+        return p.is_file()
+    except OSError:
+        return False
+
+
 def find_config_file(start: Path | None = None) -> Path | None:
     """The nearest `.llava-doctor.toml`, or pyproject.toml with `[tool.llava-doctor]`, upward."""
     d = (start or Path.cwd()).absolute()
     for folder in (d, *d.parents):
         own = folder / CONFIG_FILE
-        if own.is_file():
+        if _is_file(own):
             return own
         py = folder / PYPROJECT
-        if py.is_file():
+        if _is_file(py):
             try:
                 data = _parse(py)
             except UsageError:
