@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from llava_doctor.artifacts.configs import tokenizer_length
 from llava_doctor.artifacts.discovery import NON_LORA
 from llava_doctor.artifacts.llava import expected_projector, projector_type_of
+from llava_doctor.checks.base_model import IM_END, IM_PATCH, IM_START, known_added_tokens
 from llava_doctor.checks.projector import hub_id_for
 from llava_doctor.fixes.derive import DEFAULT_PROJECTOR_TYPE, PROJ, landed_projector
 from llava_doctor.fixes.jsonedit import DELETE
@@ -72,9 +74,11 @@ def fix_projector_type(pi: PlanInput) -> Outcome:
     if inferred is None:
         return CannotFix(f"the projector weights in {src} match no projector structure LLaVA "
                          f"builds ({', '.join(sorted(keys)[:4])}); find this run's projector")
+    was = (repr(declared) if cfg.get("mm_projector_type")
+           else f"absent (so LLaVA's default {declared!r})")
     return Proposal(
-        title=f"set mm_projector_type in {CONFIG} from {declared!r} to {inferred!r}, the "
-              f"structure of the projector weights in {src}",
+        title=f"set mm_projector_type in {CONFIG} (now {was}) to {inferred!r}, the structure "
+              f"of the projector weights in {src}",
         safety=FixSafety.safe, files=(CONFIG,),
         edit=lambda w: w.edit_json(CONFIG, {"mm_projector_type": inferred}))
 
@@ -130,3 +134,39 @@ def fix_model_type(pi: PlanInput) -> Outcome:
               "since v1.6; 'llava' is transformers' llava-hf type)",
         safety=FixSafety.safe, files=(CONFIG,),
         edit=lambda w: w.edit_json(CONFIG, {"model_type": "llava_llama"}))
+
+
+@planner("LD403", watches=(CONFIG,))
+def fix_im_patch_token(pi: PlanInput) -> Outcome:
+    """The `<im_patch>` trap: a config without `mm_use_im_patch_token` (LLaVA defaults it to
+    True) whose vocabulary has no room for the token -> `mm_use_im_patch_token: false`."""
+    ctx = pi.ctx
+    cfg = pi.ws.json(CONFIG)
+    if cfg is None:
+        return _no_config(pi)
+    other = CannotFix("this vocabulary mismatch has no automatic fix: use the base and "
+                      "tokenizer the LoRA was trained with")
+    if "mm_use_im_patch_token" in cfg:
+        return other if pi.findings else NothingToDo("mm_use_im_patch_token is set")
+    base = ctx.base_path
+    if base is None or not base.is_dir():
+        return CannotFix("no base model is resolved to count its tokenizer: pass --base")
+    vocab = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+    tok_len = tokenizer_length(base)
+    if not isinstance(vocab, int) or tok_len is None:
+        return CannotFix("the vocab_size or the base tokenizer's length is unknown")
+    present = known_added_tokens(base)
+    start_end = bool(cfg.get("mm_use_im_start_end"))
+    added = [t for t, on in ((IM_PATCH, True), (IM_START, start_end), (IM_END, start_end))
+             if on and t not in present]
+    final = tok_len + len(added)
+    if final <= vocab or tok_len > vocab:
+        return other if pi.findings else NothingToDo("the merge's tokens fit the vocabulary")
+    if IM_PATCH not in added or final - 1 > vocab:
+        return other
+    return Proposal(
+        title=f"set mm_use_im_patch_token: false in {CONFIG} (absent, so LLaVA's merge would add "
+              f"<im_patch> and grow the model past vocab_size {vocab}); the v1.5 scripts pass "
+              "false, and this run's vocabulary has no room for the token",
+        safety=FixSafety.safe, files=(CONFIG,),
+        edit=lambda w: w.edit_json(CONFIG, {"mm_use_im_patch_token": False}))

@@ -96,7 +96,8 @@ def detect_style(text: str) -> JsonStyle:
         open_at, close_at, members = _members(text)
     except (ValueError, IndexError):
         return TRANSFORMERS_STYLE
-    ensure_ascii = all(ord(c) < 128 for c in text)
+    # json.dumps(ensure_ascii=True) escapes everything from DEL (0x7f) up.
+    ensure_ascii = all(ord(c) < 0x7f for c in text)
     trailing = text.endswith("\n")
     if not members:
         return JsonStyle(trailing_newline=trailing, ensure_ascii=ensure_ascii)
@@ -175,21 +176,20 @@ def _edit_one(text: str, key: str, value: Any, style: JsonStyle) -> str:
         pos = next((n for n, k in enumerate(keys) if k > key), len(keys))
     else:
         pos = len(keys)
-    if pos < len(members):
-        m = members[pos]
-        gap_from = members[pos - 1].value_end if pos > 0 else open_at + 1
-        gap = text[gap_from:m.key_start]
+    ref = members[pos] if pos < len(members) else members[-1]
+    indent = _line_indent(text, ref.key_start) if style.indent is not None else ""
+    # What follows a comma between two members: learnt from the file when it has two members,
+    # else the style's own.
+    if len(members) > 1:
+        gap = text[members[0].value_end:members[1].key_start]
         sep_ws = gap.split(",", 1)[1] if "," in gap else gap
-        indent = _line_indent(text, m.key_start) if style.indent is not None else ""
-        return (text[:m.key_start] + _member_text(key, value, style, indent) + "," + sep_ws
-                + text[m.key_start:])
-    last = members[-1]
-    prev_gap = (text[members[-2].value_end:last.key_start] if len(members) > 1
-                else text[open_at + 1:last.key_start])
-    sep_ws = prev_gap.split(",", 1)[1] if "," in prev_gap else prev_gap
-    indent = _line_indent(text, last.key_start) if style.indent is not None else ""
-    return (text[:last.value_end] + "," + sep_ws + _member_text(key, value, style, indent)
-            + text[last.value_end:])
+    else:
+        sep_ws = ("\n" + indent) if style.indent is not None else style.item_sep.lstrip(",")
+    if pos < len(members):
+        return (text[:ref.key_start] + _member_text(key, value, style, indent) + "," + sep_ws
+                + text[ref.key_start:])
+    return (text[:ref.value_end] + "," + sep_ws + _member_text(key, value, style, indent)
+            + text[ref.value_end:])
 
 
 def edit_json_text(text: str, edits: Mapping[str, Any]) -> str:

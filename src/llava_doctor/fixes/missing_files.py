@@ -213,7 +213,7 @@ def _synthesise(pi: PlanInput, dims: AdapterDims, proj: Any, tried: list[str]) -
         title=f"synthesise {CONFIG} from the base config {base_path} plus LLaVA fields "
               f"({inferred})",
         safety=FixSafety.unsafe, files=(CONFIG,),
-        unsafe_reason=(f"{lead}it guesses what no file records"
+        unsafe_reason=(f"{lead}It guesses what no file records"
                        + (f": {', '.join(guessed)} (LLaVA v1.5 values)" if guessed else "")
                        + "; check them against your training script"),
         edit=lambda w: w.create_json(CONFIG, cfg))

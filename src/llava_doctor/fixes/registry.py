@@ -84,7 +84,7 @@ PLANNERS: dict[str, Planner] = {}
 # fixes that look at which projector keys land (LD302 injects one when none does, LD301 types
 # it), so that each sees the file as it will be.
 ORDER = ("LD101", "LD104", "LD106", "LD201", "LD208", "LD305", "LD302", "LD301", "LD307",
-         "LD406")
+         "LD403", "LD406")
 
 
 def _rank(code: str) -> tuple[int, str]:
@@ -170,6 +170,12 @@ def build_plan(ctx: Context, findings: Sequence[Finding], *, allow_unsafe: bool 
                 code=code, name=name, safety=outcome.safety, title=outcome.title,
                 files=outcome.files, unsafe_reason=outcome.unsafe_reason,
                 notes=outcome.notes, apply=apply))
+            # A check can report several problems under one code, some of which it marks as
+            # having no fix (e.g. LD403): those stay, and the plan says so.
+            for f in found:
+                if f.fix == FixSafety.none and len(found) > 1:
+                    unfixable.append(Unfixable(code=code, name=name, path=f.path,
+                                               reason=f"not covered by this fix: {f.message}"))
         elif isinstance(outcome, CannotFix):
             if found:
                 unfixable.append(Unfixable(code=code, name=name, path=path,
