@@ -177,3 +177,18 @@ def test_view_of_a_large_storage_is_saved_alone() -> None:
     big = torch.zeros(100_000)
     small = tensors_to_bytes({"v": big[:4]})
     assert len(small) < 4_000
+
+
+def test_relative_path_from_inside_the_dir_and_undo_from_elsewhere(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lora, base = lora_dir(tmp_path, "my-finetune", model_type="llava")
+    before = snapshot(tmp_path, dir_mtimes=False)
+    monkeypatch.chdir(lora)
+    res = runner.invoke(app, ["fix", ".", "--base", "../vicuna-tiny-v1.5", "--yes"])
+    assert res.exit_code == 0, res.output
+    assert "Applied LD106, LD406: wrote ../llava-my-finetune-lora, config.json." in res.output
+    assert os.readlink(tmp_path / "llava-my-finetune-lora") == "my-finetune"
+    monkeypatch.chdir(tmp_path.parent)
+    res = runner.invoke(app, ["fix", "--undo", str(lora.relative_to(tmp_path.parent))])
+    assert res.exit_code == 0, res.output
+    assert snapshot(tmp_path, dir_mtimes=False, with_state=False) == before

@@ -228,7 +228,8 @@ def _check_target(fc: FileChange, lora_dir: Path) -> None:
     p = Path(fc.path)
     real_lora = os.path.realpath(lora_dir)
     parent_real = os.path.realpath(p.parent)
-    if fc.op == FileOp.symlink and parent_real == os.path.realpath(lora_dir.parent):
+    beside = os.path.realpath(Path(os.path.abspath(lora_dir)).parent)
+    if fc.op == FileOp.symlink and parent_real == beside:
         return  # LD106's sibling link: a new link beside the dir, nothing overwritten
     if not _within(parent_real, real_lora):
         raise FixError(f"refusing to write {p}: its folder resolves to {parent_real}, outside "

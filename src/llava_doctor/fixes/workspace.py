@@ -78,7 +78,8 @@ class Workspace:
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
-        self.root = ctx.path
+        # Absolute, so that a plan made for "." still names the right files when applied.
+        self.root = Path(os.path.abspath(ctx.path))
         self._entries: dict[Path, _Entry] = {}
         self.code = ""  # the fix currently planning; recorded on every entry it touches
 
