@@ -188,3 +188,29 @@ def test_state_dir_is_ignored_by_checks_and_discovery(tmp_path: Path) -> None:
     assert not any(".llava-doctor" in (f.path or "") or ".llava-doctor" in f.message
                    for f in report.findings)
     assert os.path.isdir(lora / ".llava-doctor")
+
+
+@pytest.mark.parametrize(("answer", "rc"), [("y", 0), ("n", 1)])
+def test_asks_on_a_terminal(answer: str, rc: int, tmp_path: Path) -> None:
+    import pty
+    import subprocess
+    import sys
+
+    case = next(c for c in CASES if c.id == "LD406")
+    lora, opts = case.build(tmp_path)
+    before = (lora / "config.json").read_bytes()
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "llava_doctor",
+                                 *_cli_args(lora, opts)], stdin=slave,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        os.write(master, f"{answer}\n".encode())
+        out, err = proc.communicate(timeout=120)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert proc.returncode == rc, out + err
+    assert "Apply 1 fix(es)? [y/N]:" in out
+    changed = (lora / "config.json").read_bytes() != before
+    assert changed == (answer == "y")
+    assert ("Nothing was changed." in out) == (answer == "n")
