@@ -236,7 +236,7 @@ def known_added_tokens(model_dir: Path) -> set[str]:
     return out
 
 
-@check("LD403", "vocab-mismatch", Severity.error)
+@check("LD403", "vocab-mismatch", Severity.error, fix=FixSafety.safe)
 def vocab_mismatch(ctx: Context) -> Iterable[Hit]:
     """Vocabulary sizes disagree between the LoRA config, the base, the tokenizer and non_lora.
 
@@ -288,7 +288,7 @@ def vocab_mismatch(ctx: Context) -> Iterable[Hit]:
                       "the LoRA was trained on (a vocabulary grown during training needs its "
                       "embeddings)", path=path,
                       evidence={"tensor": name, "rows": shape[0], "vocab_size": vocab,
-                                "which": what})
+                                "which": what}, fix=FixSafety.none)
             break  # embed and lm_head of one base disagree together; one finding says it
     for label, wf, keymap in _extra_embeddings(ctx):
         for key, param in keymap.items():
@@ -301,7 +301,8 @@ def vocab_mismatch(ctx: Context) -> Iterable[Hit]:
                       f"torch.Size([{rows}, ...]) from checkpoint, the shape in current model "
                       f"is torch.Size([{vocab}, ...])`. The file and the config come from "
                       "different runs", path=wf.path,
-                      evidence={"tensor": key, "rows": rows, "vocab_size": vocab})
+                      evidence={"tensor": key, "rows": rows, "vocab_size": vocab},
+                      fix=FixSafety.none)
     tok_len = tokenizer_length(base_dir)
     if tok_len is None:
         return  # no readable tokenizer: LD405
@@ -309,7 +310,8 @@ def vocab_mismatch(ctx: Context) -> Iterable[Hit]:
         yield Hit(f"{base_dir}: the base tokenizer has {tok_len} tokens but the LoRA's "
                   f"config.json has vocab_size {vocab}: token ids {vocab}..{tok_len - 1} index "
                   "past the embeddings. Use the tokenizer the LoRA was trained with",
-                  path=base_dir, evidence={"tokenizer_length": tok_len, "vocab_size": vocab})
+                  path=base_dir, evidence={"tokenizer_length": tok_len, "vocab_size": vocab},
+                  fix=FixSafety.none)
         return
     cfg = lora_config(ctx)
     patch_default = "mm_use_im_patch_token" not in cfg
