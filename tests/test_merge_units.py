@@ -230,9 +230,11 @@ def test_shard_writer_output_is_what_safetensors_reads(tmp_path: Path) -> None:
     with pytest.raises(AssertionError, match="out-of-order"):
         w.write(memoryview(b"xx"), len(header) + 2)
     for (k, v), (b, _) in zip(tensors.items(), offsets):
-        w.write(memoryview(v.contiguous().reshape(-1).view(torch.uint8).numpy()),
-                len(header) + b)
-    digest = w.finish()
+        data = memoryview(v.contiguous().reshape(-1).view(torch.uint8).numpy())
+        w.write(data, len(header) + b)
+        w.hash(data)
+    w.finish()
+    digest = w.digest()
     import hashlib
 
     assert digest == hashlib.sha256((tmp_path / "x.safetensors").read_bytes()).hexdigest()

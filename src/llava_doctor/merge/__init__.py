@@ -225,6 +225,21 @@ def _handled(f: Finding, plan: MergePlan) -> bool:
     return False
 
 
+def _check_space(where: Path, plan: MergePlan, force: bool) -> None:
+    """Refuse to start when the file system cannot hold the output (LD601 says it earlier)."""
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    need = plan.file_bytes + (64 << 20)  # configs and tokenizer: a generous allowance
+    if free < need and not force:
+        raise MergeError(f"needs about {need / 1e9:.2f} GB for the merged model but the file "
+                         f"system has {free / 1e9:.2f} GB free", path=where,
+                         hint="free space or choose an --out on another disk (LD601); nothing "
+                              "was written")
+
+
 def _peak_rss() -> int:
     # Linux reports kilobytes (macOS bytes); this tool targets Linux training machines.
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
@@ -290,6 +305,7 @@ def merge(lora_dir: Path | str, base: Path | str | None, out: Path | str, *,
 
     partial = out.parent / f"{out.name}.partial-{os.getpid()}"
     out.parent.mkdir(parents=True, exist_ok=True)
+    _check_space(out.parent, plan, force)
     if partial.exists():
         shutil.rmtree(partial)
     try:
@@ -298,14 +314,16 @@ def merge(lora_dir: Path | str, base: Path | str | None, out: Path | str, *,
         raise MergeError(f"cannot create the work directory ({e.strerror})", path=partial,
                          hint="check that the parent of --out is writable") from None
     try:
-        hashes = Executor(plan, partial, dev, observer=observer, durable=durable).run()
+        executor = Executor(plan, partial, dev, observer=observer, durable=durable,
+                            read_back=verify)
+        hashes = executor.run()
         emit(phase="finalize")
         files = dict(hashes)
         files.update(_write_side_files(plan, inputs, partial, durable, notes))
         checked: Verification | None = None
         if verify:
             emit(phase="verify", total=len(plan.shards))
-            checked = verify_output(plan, partial, hashes)
+            checked = _verify(plan, partial, hashes, executor.reread, dev)
         if durable:
             fsync_dir(partial)
         _install(partial, out)
@@ -321,6 +339,21 @@ def merge(lora_dir: Path | str, base: Path | str | None, out: Path | str, *,
         verified=checked, notes=tuple(notes), warnings=warnings)
     emit(phase="done", done=result.tensors, total=result.tensors)
     return result
+
+
+def _verify(plan: MergePlan, out: Path, hashes: dict[str, str], reread: dict[str, str] | None,
+            device: str) -> Verification:
+    import torch
+
+    from llava_doctor.merge.stream import compute_threads
+
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(compute_threads())  # hashing threads run beside it, as above
+    try:
+        return verify_output(plan, out, hashes, reread=reread)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _write_side_files(plan: MergePlan, inputs: MergeInputs, out: Path, durable: bool,

@@ -102,15 +102,17 @@ def reference_merge(weight: torch.Tensor, spec: LoraSpec, A: torch.Tensor, B: to
     """
     import torch
 
-    delta = (B.float() @ A.float()) * spec.scaling
+    # In place where possible: one float32 copy of the weight at a time (verification runs
+    # this on whole tensors, and a 7B down_proj is 180 MB in float32).
+    merged = (B.float() @ A.float()).mul_(spec.scaling)
     if spec.transposed:
-        delta = delta.T
-    merged = weight.float() + delta
+        merged = merged.T
+    merged.add_(weight)
     if magnitude is not None:
         if spec.transposed:
             factor = magnitude.float() / torch.linalg.norm(merged, dim=0)
-            merged = factor.view(1, -1) * merged
+            merged.mul_(factor.view(1, -1))
         else:
             factor = magnitude.float() / torch.linalg.norm(merged, dim=1)
-            merged = factor.view(-1, 1) * merged
+            merged.mul_(factor.view(-1, 1))
     return merged

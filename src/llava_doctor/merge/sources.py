@@ -189,6 +189,20 @@ class TensorSource:
         return t.contiguous()
 
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of a tensor with at least 2 dims, as a fresh CPU tensor."""
+        import torch
+
+        info = self.wf.tensors[name]
+        if self.file_offset(info) is None:
+            return self.tensor(name)[start:stop].contiguous()
+        n = (stop - start) * row_bytes(info)
+        buf = torch.empty(n, dtype=torch.uint8)
+        if n:
+            self.read_into(name, start, stop - start, memoryview(buf.numpy()))
+        return buf.view(torch_dtype(info.dtype)).reshape((stop - start, *info.shape[1:]))
+
+
 def row_bytes(info: TensorInfo) -> int:
     """Bytes of one row (dim 0) of a tensor; the whole tensor for 0-d and 1-d ones."""
     if len(info.shape) >= 2:

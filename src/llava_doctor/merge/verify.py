@@ -5,10 +5,11 @@ Three independent checks, each of which would catch a different way of being wro
 1. every shard's header is re-read and validated with the same rules as safetensors' own
    validator (`artifacts.safetensors_header`), and must list exactly the planned tensors;
 2. every file is re-read from disk and its sha256 compared with the hash taken from the bytes
-   as they were written (a short write, a concurrent writer, a bad disk);
+   as they were written (a short write, a concurrent writer, a bad disk); the executor does
+   the re-reading right behind its writer, so this costs no second pass at the end;
 3. a sample of merged tensors is recomputed from the inputs with peft's formula applied to
-   whole tensors (`lora_math.reference_merge`, read through the ordinary loaders, not the
-   streaming reader) and compared with what the output file holds.
+   whole tensors (`lora_math.reference_merge`, not the block code) and compared with what the
+   output file holds, located through its re-read header.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llava_doctor.artifacts.safetensors_header import read_safetensors_header
-from llava_doctor.artifacts.weights import load_tensors
+from llava_doctor.artifacts.weights import SAFETENSORS, WeightFile
 from llava_doctor.errors import DoctorError, MergeError
 from llava_doctor.merge.lora_math import reference_merge
 from llava_doctor.merge.plan import MergePlan, PlannedTensor
-from llava_doctor.merge.sources import torch_dtype
+from llava_doctor.merge.sources import TensorSource, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -87,8 +88,9 @@ def check_hashes(out_dir: Path, hashes: dict[str, str], jobs: int = 2) -> int:
     return sum((out_dir / n).stat().st_size for n in names)
 
 
-def sample_tensors(plan: MergePlan, count: int = 4) -> list[PlannedTensor]:
-    """A deterministic spread of LoRA-merged tensors plus one of each other kind of change."""
+def sample_tensors(plan: MergePlan, count: int = 3) -> list[PlannedTensor]:
+    """A deterministic spread of ``count`` LoRA-merged tensors (first, last, evenly between),
+    plus the smallest tensor of each other kind of change the plan makes."""
     tensors = plan.tensors
     lora = [t for t in tensors if t.lora is not None]
     picked: list[PlannedTensor] = []
@@ -101,67 +103,130 @@ def sample_tensors(plan: MergePlan, count: int = 4) -> list[PlannedTensor]:
                  lambda t: t.lora_bias is not None,
                  lambda t: t.source.origin != "base",
                  lambda t: t.source.origin == "base" and t.lora is None):
-        extra = next((t for t in tensors if pred(t) and t not in picked), None)
+        if any(pred(t) for t in picked):
+            continue
+        extra = min((t for t in tensors if pred(t)), key=lambda t: t.nbytes, default=None)
         if extra is not None:
             picked.append(extra)
     return picked
 
 
-def expected_value(plan: MergePlan, t: PlannedTensor) -> torch.Tensor:
-    """The output tensor recomputed from the inputs with whole-tensor maths (CPU, float32
-    for float outputs)."""
+def expected_value(plan: MergePlan, t: PlannedTensor, start: int | None = None,
+                   stop: int | None = None) -> torch.Tensor:
+    """The output tensor (or its rows ``[start, stop)``) recomputed from the inputs with peft's
+    formula (`lora_math.reference_merge`), in the output dtype, on the CPU."""
     import torch
 
-    src = plan.files[t.source.file]
-    value = load_tensors(src, [t.source.key])[t.source.key]
-    adapter = plan.files[plan.adapter_path]
-    if t.lora is not None:
-        keys = [t.lora.a, t.lora.b] + ([t.lora.magnitude] if t.lora.magnitude else [])
-        ad = load_tensors(adapter, keys)
-        mag = ad[t.lora.magnitude].reshape(-1) if t.lora.magnitude else None
-        value = reference_merge(value, t.lora, ad[t.lora.a], ad[t.lora.b], mag)
-    if t.lora_bias is not None:
-        lb = load_tensors(adapter, [t.lora_bias])[t.lora_bias]
-        value = value.float() + lb.float() * t.bias_scaling
+    rows = start is not None and stop is not None
+    with TensorSource(plan.files[t.source.file]) as src:
+        value = src.rows(t.source.key, start, stop) if rows else src.tensor(t.source.key)  # type: ignore[arg-type]
+    if t.lora is not None or t.lora_bias is not None:
+        with TensorSource(plan.files[plan.adapter_path]) as adapter:
+            if t.lora is not None:
+                A, B = adapter.tensor(t.lora.a), adapter.tensor(t.lora.b)
+                mag = (adapter.tensor(t.lora.magnitude).reshape(-1)
+                       if t.lora.magnitude is not None else None)
+                if rows:  # only for specs whose rows are independent (not `whole_tensor`)
+                    if t.lora.transposed:
+                        A = A[:, start:stop]
+                    else:
+                        B = B[start:stop]
+                        mag = mag[start:stop] if mag is not None else None
+                value = reference_merge(value, t.lora, A, B, mag)
+            if t.lora_bias is not None:
+                value = value.float() + adapter.tensor(t.lora_bias).float() * t.bias_scaling
     return value.to(torch_dtype(t.dtype))
 
 
-def check_sample(plan: MergePlan, out_dir: Path, count: int = 4) -> tuple[str, ...]:
-    """Recompute a sample of output tensors and compare with the written ones."""
-    import torch
-    from safetensors import safe_open
+def check_sample(plan: MergePlan, out_dir: Path, count: int = 3, chunk: int = 1 << 21,
+                 ) -> tuple[str, ...]:
+    """Recompute a sample of output tensors and compare them with the written ones.
 
+    Row by row chunks of about ``chunk`` elements where the maths allows it, so checking a
+    7B ``down_proj`` does not hold several float32 copies of it at once.
+    """
     where = {t.name: s.filename for s in plan.shards for t in s.tensors}
     picked = sample_tensors(plan, count)
     for t in picked:
         path = out_dir / where[t.name]
-        with safe_open(str(path), framework="pt") as f:
-            got = f.get_tensor(t.name)
-        want = expected_value(plan, t)
-        if got.dtype != want.dtype or tuple(got.shape) != tuple(want.shape):
-            raise MergeError(f"verification failed: '{t.name}' is {got.dtype} {list(got.shape)}, "
-                             f"expected {want.dtype} {list(want.shape)}", path=path, hint=_HINT)
-        if not want.is_floating_point():
-            ok = torch.equal(got, want)
-        else:
-            g, w = got.float(), want.float()
-            # Both sides round the same float32 value once; the streamed one sums in another
-            # order, so allow one unit in the last place of the output dtype.
-            eps = torch.finfo(want.dtype).eps
-            atol = 1e-6 * float(w.abs().max()) if w.numel() else 0.0
-            ok = bool(torch.isclose(g, w, rtol=2 * eps, atol=atol, equal_nan=True).all())
-        if not ok:
-            diff = float((got.float() - want.float()).abs().max())
-            raise MergeError(f"verification failed: '{t.name}' differs from its recomputation "
-                             f"from the inputs (max abs difference {diff:.3g})", path=path,
+        # Located through the header as it is on disk now, read with pread: safetensors'
+        # safe_open would pull the whole shard into memory for one tensor.
+        header = read_safetensors_header(path)
+        wf = WeightFile(path=path, format=SAFETENSORS, tensors=header.tensors,
+                        size=path.stat().st_size)
+        info = header.tensors.get(t.name)
+        if info is None:
+            raise MergeError(f"verification failed: '{t.name}' is missing", path=path,
                              hint=_HINT)
+        splittable = len(t.shape) >= 2 and t.shape[0] > 0 and not (
+            t.lora is not None and t.lora.whole_tensor)
+        step = max(1, chunk // max(1, info.numel // t.shape[0])) if splittable else 0
+        with TensorSource(wf) as out_src:
+            parts = ([(s, min(t.shape[0], s + step)) for s in range(0, t.shape[0], step)]
+                     if splittable else [(None, None)])
+            for s, e in parts:
+                got = out_src.rows(t.name, s, e) if s is not None else out_src.tensor(t.name)  # type: ignore[arg-type]
+                want = expected_value(plan, t, s, e)
+                if got.dtype != want.dtype or tuple(got.shape) != tuple(want.shape):
+                    raise MergeError(f"verification failed: '{t.name}' is {got.dtype} "
+                                     f"{list(got.shape)}, expected {want.dtype} "
+                                     f"{list(want.shape)}", path=path, hint=_HINT)
+                diff = _mismatch(got, want)
+                if diff is not None:
+                    raise MergeError(f"verification failed: '{t.name}' differs from its "
+                                     "recomputation from the inputs (max abs difference "
+                                     f"{diff:.3g})", path=path, hint=_HINT)
     return tuple(t.name for t in picked)
 
 
+def _mismatch(got: torch.Tensor, want: torch.Tensor, chunk: int = 1 << 20) -> float | None:
+    """None when ``got`` equals ``want`` up to one rounding of the output dtype, else the largest
+    difference."""
+    import torch
+
+    if got.dtype == want.dtype and torch.equal(got, want):
+        return None  # the usual case: bit for bit
+    if not want.is_floating_point():
+        return float("nan")
+    g, w = got.reshape(-1), want.reshape(-1)
+    # Both sides round the same float32 value once; the streamed one sums in another order, so
+    # allow one unit in the last place of the output dtype (and a hair absolute, for values that
+    # cancel to ~0).
+    rtol = 2 * torch.finfo(want.dtype).eps
+    scale = max((float(w[i:i + chunk].float().abs().max()) for i in range(0, w.numel(), chunk)),
+                default=0.0)
+    worst: float | None = None
+    for i in range(0, w.numel(), chunk):
+        gc, wc = g[i:i + chunk].float(), w[i:i + chunk].float()
+        if not bool(torch.isclose(gc, wc, rtol=rtol, atol=1e-6 * scale, equal_nan=True).all()):
+            d = float(torch.nan_to_num((gc - wc).abs(), nan=float("inf")).max())
+            worst = d if worst is None else max(worst, d)
+    return worst
+
+
+def compare_hashes(out_dir: Path, written: dict[str, str], reread: dict[str, str]) -> int:
+    """Compare the hashes of the written bytes with those of the files as re-read from disk
+    (by the executor, right behind its writer); returns the bytes that were re-read."""
+    for name in sorted(written):
+        got = reread.get(name)
+        if got != written[name]:
+            raise MergeError("verification failed: the file on disk differs from the bytes that "
+                             f"were written (sha256 {str(got)[:12]}... != {written[name][:12]}...)",
+                             path=out_dir / name, hint=_HINT)
+    return sum((out_dir / n).stat().st_size for n in written)
+
+
 def verify_output(plan: MergePlan, out_dir: Path, hashes: dict[str, str], *,
-                  sample: int = 4) -> Verification:
-    """Run the three checks; raises MergeError on the first failure."""
+                  reread: dict[str, str] | None = None, sample: int = 3) -> Verification:
+    """Run the three checks; raises MergeError on the first failure.
+
+    ``reread``: sha256 of each shard as re-read from disk while it was written (the executor's
+    read-back); without it every file is re-read and hashed here.
+    """
     check_headers(plan, out_dir)
-    hashed = check_hashes(out_dir, hashes)
+    if reread is not None:
+        hashed = compare_hashes(out_dir, hashes, reread)
+    else:
+        hashed = check_hashes(out_dir, hashes)
     sampled = check_sample(plan, out_dir, sample)
     return Verification(files=len(hashes), bytes_hashed=hashed, sampled=sampled)
