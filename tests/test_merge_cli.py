@@ -48,7 +48,8 @@ def test_success_prints_the_summary(run: dict[str, Path], tmp_path: Path,
     assert "25 written in 1 shard(s)" in stdout
     assert "14 received a LoRA delta (14 LoRA modules applied)" in stdout
     assert "projector  non_lora_trainables.bin" in stdout
-    assert "verified   headers and sha256 of 7 files" in stdout
+    assert ("verified   header and sha256 of 1 shard(s) as re-read from disk; 5 sampled "
+            "tensors recomputed from the inputs") in stdout
     assert "device     cpu" in stdout and "peak memory" in stdout
     # The vicuna generation config is fixed and said so; the check that warned about it
     # (LD404) is not repeated since the merge handled it.
@@ -131,7 +132,8 @@ def test_existing_out_needs_overwrite(run: dict[str, Path], tmp_path: Path,
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--dtype", "int8"], "unknown --dtype 'int8'; choose one of: float16, bfloat16, float32, auto"),
+    (["--dtype", "int8"],
+     "unknown --dtype 'int8'; choose one of: float16, bfloat16, float32, auto"),
     (["--max-shard-size", "lots"], "cannot read size 'lots'; write it like 5GB, 500MB or 2GiB"),
     (["--device", "tpu"], "unknown --device 'tpu'; use auto, cpu, cuda or cuda:N"),
 ])
@@ -226,3 +228,35 @@ def test_python_dash_m_entry_point(run: dict[str, Path], tmp_path: Path) -> None
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stderr == "" and "merged " in r.stdout
+
+
+def test_base_defaults_to_the_one_adapter_config_records(run: dict[str, Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "llava-v1.5-tiny-merged"
+    rc, stdout, stderr = _run([str(run["lora"]), "--out", str(out)], capsys)
+    assert rc == 0, stderr
+    assert json.loads((out / "config.json").read_text())["_name_or_path"] == str(run["base"])
+
+
+def test_too_little_free_space_is_refused_before_writing(
+        run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    real = os.statvfs
+
+    def tiny(path: object) -> os.statvfs_result:  # the real file system, with 4 blocks free
+        st = real(path)  # type: ignore[arg-type]
+        return os.statvfs_result((st.f_bsize, st.f_frsize, st.f_blocks, 4, 4, st.f_files,
+                                  st.f_ffree, st.f_favail, st.f_flag, st.f_namemax))
+
+    monkeypatch.setattr(os, "statvfs", tiny)
+    out = tmp_path / "llava-v1.5-tiny-merged"
+    argv = [str(run["lora"]), "--base", str(run["base"]), "--out", str(out)]
+    rc, stdout, stderr = _run(argv, capsys)
+    assert rc == 1
+    assert "LD601" in stdout and "(LD601)" in stderr  # the preflight check says it first
+    assert not out.exists() and not list(tmp_path.glob("*.partial-*"))
+    # With --force the checks no longer stop it, but the merge's own guard still does.
+    rc, _, stderr = _run([*argv, "--force"], capsys)
+    assert rc == 1
+    assert stderr.startswith("llava-doctor: error: ") and "GB free" in stderr
+    assert "needs about" in stderr and not out.exists()

@@ -102,7 +102,8 @@ def check_against_references(out: Path, base: Path, lora: Path,
                              rename: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     ours = read_output(out)
     ref = {k: v for k, v in peft_merged(base, lora).state_dict().items()}
-    llm = {k for k in ours if not k.startswith("model.mm_projector.") and k != "model.image_newline"}
+    llm = {k for k in ours
+           if not k.startswith("model.mm_projector.") and k != "model.image_newline"}
     assert llm == set(ref), (sorted(llm ^ set(ref))[:5])
     for k in sorted(llm):
         assert_close_fp16(ours[k], ref[k], k)
@@ -123,7 +124,8 @@ def biased_base(path: Path) -> Path:
     for i in range(TINY.layers):
         for proj, width in (("self_attn.q_proj", TINY.hidden), ("self_attn.k_proj", TINY.kv_dim),
                             ("self_attn.v_proj", TINY.kv_dim), ("self_attn.o_proj", TINY.hidden),
-                            ("mlp.gate_proj", TINY.intermediate), ("mlp.up_proj", TINY.intermediate),
+                            ("mlp.gate_proj", TINY.intermediate),
+                            ("mlp.up_proj", TINY.intermediate),
                             ("mlp.down_proj", TINY.hidden)):
             st[f"model.layers.{i}.{proj}.bias"] = (torch.randn(width, generator=g) * 0.02).half()
     save_file(st, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -245,8 +247,8 @@ def test_stage1_projector_used_only_when_neither_has_one(world: dict[str, Path])
 
 
 def test_task_lora_with_frozen_projector_keeps_the_base_projector(world: dict[str, Path]) -> None:
-    lora = _lora(world, "task-frozen", "llava", {"trained_from": "llava", "non_lora_style": "empty"},
-                 None)
+    lora = _lora(world, "task-frozen", "llava",
+                 {"trained_from": "llava", "non_lora_style": "empty"}, None)
     out = lora.parent / "llava-v1.5-tiny-task-frozen-merged"
     result = merge(lora, world["llava"], out, device="cpu", durable=False)
     assert result.projector_source.startswith("base model")
@@ -295,3 +297,36 @@ def test_merged_dir_loads_in_transformers_with_peft_logits(world: dict[str, Path
         a = ours(ids).logits
         b = ref(ids).logits
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), float((a - b).abs().max())
+
+
+def test_lora_on_the_projector_matches_peft_on_a_llava_shaped_model(world: dict[str, Path]) -> None:
+    """A task LoRA whose targets include the projector's linears (LD209): peft, given a model
+    that has LLaVA's `model.mm_projector` loaded the way the builder loads it, merges the same
+    deltas into it as we do."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from llava_doctor.fixtures import LORA_TARGETS
+
+    lora = _lora(world, "projector-lora", "llava",
+                 {"trained_from": "llava",
+                  "target_modules": [*LORA_TARGETS, "mm_projector.0", "mm_projector.2"]}, None)
+    out = lora.parent / "llava-v1.5-tiny-projector-lora-merged"
+    merge(lora, world["llava"], out, device="cpu", durable=False)
+    ours = read_output(out)
+
+    model = LlamaForCausalLM.from_pretrained(world["llava"], dtype=torch.float32)
+    proj = torch.nn.Sequential(torch.nn.Linear(TINY.mm_hidden, TINY.hidden), torch.nn.GELU(),
+                               torch.nn.Linear(TINY.hidden, TINY.hidden))
+    model.model.mm_projector = proj
+    builder = llava_builder_state(lora, world["llava"])
+    with torch.no_grad():
+        for k, v in builder.items():
+            if k.startswith("model.mm_projector."):
+                proj.get_parameter(k[len("model.mm_projector."):]).copy_(v.float())
+    ref = PeftModel.from_pretrained(model, lora).merge_and_unload().state_dict()
+    assert set(ref) == set(ours)
+    for k in sorted(ref):
+        assert_close_fp16(ours[k], ref[k], k)
+    base_proj = read_base(world["llava"])["model.mm_projector.0.weight"]
+    assert not torch.equal(ours["model.mm_projector.0.weight"], base_proj)  # it did change

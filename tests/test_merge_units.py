@@ -16,8 +16,12 @@ from llava_doctor.artifacts.weights import read_weight_file
 from llava_doctor.errors import MergeError, UsageError
 from llava_doctor.fixtures import TINY, build_base, build_lora, build_pretrain
 from llava_doctor.merge import build_plan, resolve_device, resolve_inputs
-from llava_doctor.merge.llava_parts import (fixed_generation_config, merged_config,
-                                            out_name_warnings, place_non_lora)
+from llava_doctor.merge.llava_parts import (
+    fixed_generation_config,
+    merged_config,
+    out_name_warnings,
+    place_non_lora,
+)
 from llava_doctor.merge.lora_math import LoraSpec, LoraTensors, apply_rows, reference_merge
 from llava_doctor.merge.plan import check_adapter_config, parse_size
 from llava_doctor.merge.sources import TensorSource
@@ -62,7 +66,7 @@ def test_resolve_device_on_this_machine() -> None:
 def test_out_name_warnings(tmp_path: Path, name: str, family: str, expected: list[str]) -> None:
     got = out_name_warnings(tmp_path / name, family)
     assert len(got) == len(expected)
-    for w, e in zip(got, expected):
+    for w, e in zip(got, expected, strict=True):
         assert e in w
 
 
@@ -229,7 +233,7 @@ def test_shard_writer_output_is_what_safetensors_reads(tmp_path: Path) -> None:
     w = ShardWriter(tmp_path / "x.safetensors", header, data_size, durable=False)
     with pytest.raises(AssertionError, match="out-of-order"):
         w.write(memoryview(b"xx"), len(header) + 2)
-    for (k, v), (b, _) in zip(tensors.items(), offsets):
+    for v, (b, _) in zip(tensors.values(), offsets, strict=True):
         data = memoryview(v.contiguous().reshape(-1).view(torch.uint8).numpy())
         w.write(data, len(header) + b)
         w.hash(data)

@@ -36,8 +36,15 @@ class _ProgressBar:
 
     def __init__(self) -> None:
         from rich.console import Console
-        from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn,
-                                   TextColumn, TimeRemainingColumn, TransferSpeedColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
         self.progress = Progress(
             SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
@@ -75,8 +82,9 @@ def render_summary(r: "MergeResult", lora_dir: Path) -> str:
                      "modules_to_save")
     lines.append(f"  projector  {r.projector_source}")
     if r.verified is not None:
-        lines.append(f"  verified   headers and sha256 of {len(r.files)} files; "
-                     f"{len(r.verified.sampled)} merged tensors recomputed from the inputs")
+        lines.append(f"  verified   header and sha256 of {r.verified.files} shard(s) as re-read "
+                     f"from disk; {len(r.verified.sampled)} sampled tensors recomputed from "
+                     "the inputs")
     else:
         lines.append("  verified   no (--no-verify)")
     lines.append(f"  device     {r.device}    time {r.seconds:.2f} s    peak memory "

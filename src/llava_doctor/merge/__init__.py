@@ -25,9 +25,14 @@ from typing import Any
 
 from llava_doctor.artifacts.configs import read_json
 from llava_doctor.errors import DoctorError, MergeError, UsageError
-from llava_doctor.merge.llava_parts import (fixed_generation_config, llm_family, merged_config,
-                                            out_name_warnings, tokenizer_files)
-from llava_doctor.merge.plan import (DTYPES, MergeInputs, MergePlan, build_plan, parse_size)
+from llava_doctor.merge.llava_parts import (
+    fixed_generation_config,
+    llm_family,
+    merged_config,
+    out_name_warnings,
+    tokenizer_files,
+)
+from llava_doctor.merge.plan import DTYPES, MergeInputs, MergePlan, build_plan, parse_size
 from llava_doctor.merge.stream import Executor, MergeEvent, Observer
 from llava_doctor.merge.verify import Verification, verify_output
 from llava_doctor.merge.writer import crash_point, fsync_dir, write_file, write_json
@@ -225,15 +230,16 @@ def _handled(f: Finding, plan: MergePlan) -> bool:
     return False
 
 
-def _check_space(where: Path, plan: MergePlan, force: bool) -> None:
-    """Refuse to start when the file system cannot hold the output (LD601 says it earlier)."""
+def _check_space(where: Path, plan: MergePlan) -> None:
+    """Refuse to start when the file system cannot hold the output (LD601 says it earlier;
+    this holds under --force too: a merge that cannot fit only fails later)."""
     try:
         st = os.statvfs(where)
     except OSError:
         return
     free = st.f_bavail * st.f_frsize
     need = plan.file_bytes + (64 << 20)  # configs and tokenizer: a generous allowance
-    if free < need and not force:
+    if free < need:
         raise MergeError(f"needs about {need / 1e9:.2f} GB for the merged model but the file "
                          f"system has {free / 1e9:.2f} GB free", path=where,
                          hint="free space or choose an --out on another disk (LD601); nothing "
@@ -305,7 +311,7 @@ def merge(lora_dir: Path | str, base: Path | str | None, out: Path | str, *,
 
     partial = out.parent / f"{out.name}.partial-{os.getpid()}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    _check_space(out.parent, plan, force)
+    _check_space(out.parent, plan)
     if partial.exists():
         shutil.rmtree(partial)
     try:

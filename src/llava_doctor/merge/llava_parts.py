@@ -21,8 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from llava_doctor.artifacts.configs import TOKENIZER_FILES
-from llava_doctor.artifacts.llava import (LlavaParams, builder_rewrite, canonical_param_name,
-                                          get_model_name_from_path)
+from llava_doctor.artifacts.llava import (
+    LlavaParams,
+    builder_rewrite,
+    canonical_param_name,
+    get_model_name_from_path,
+)
 
 # Files transformers' tokenizer.save_pretrained may write besides TOKENIZER_FILES.
 EXTRA_TOKENIZER_FILES = ("chat_template.jinja", "chat_template.json")
@@ -73,6 +77,7 @@ def place_non_lora(keys: Iterable[str], lora_config: dict[str, Any] | None) -> N
                 out.dropped[key] = why
                 continue
             out.renamed[key] = name
+        assert name is not None
         if name in out.placed:
             other = out.placed[name]
             raise ValueError(f"non_lora_trainables keys '{other}' and '{key}' both land on "

@@ -23,12 +23,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from llava_doctor.artifacts.llava import projector_keys
 from llava_doctor.artifacts.model_dir import ModelDir
-from llava_doctor.artifacts.peft_match import (PEFT_PREFIX, effective_r_alpha, module_scaling,
-                                               parse_adapter_keys)
+from llava_doctor.artifacts.peft_match import (
+    PEFT_PREFIX,
+    effective_r_alpha,
+    module_scaling,
+    parse_adapter_keys,
+)
 from llava_doctor.artifacts.peft_versions import FIELDS, non_default_math_fields
 from llava_doctor.artifacts.tensors import FLOAT_DTYPES, TORCH_TO_ST, TensorInfo, dtype_size
 from llava_doctor.artifacts.weights import WeightFile
@@ -377,7 +381,8 @@ def build_plan(inputs: MergeInputs, *, dtype: str = "float16", max_shard_size: i
             if target not in targets:
                 unmatched.append(a)
                 continue
-            kind = "embedding" if am.is_embedding_lora else "linear"
+            kind: Literal["linear", "embedding"] = (
+                "embedding" if am.is_embedding_lora else "linear")
             A, B = ainfo[a], ainfo[b]
             if len(A.shape) != 2 or len(B.shape) != 2 or A.shape[0] != B.shape[1]:
                 raise _refuse(f"LoRA matrices of '{module}' have shapes {list(A.shape)} and "
@@ -386,7 +391,8 @@ def build_plan(inputs: MergeInputs, *, dtype: str = "float16", max_shard_size: i
             r, alpha = effective_r_alpha(acfg, module, version)
             if A.shape[0] != r:
                 raise _refuse(f"lora_A of '{module}' has rank {A.shape[0]} but adapter_config.json "
-                              f"gives r={r} for it (r / rank_pattern), so peft would refuse to load "
+                              f"gives r={r} for it (r / rank_pattern), so peft would refuse to "
+                              "load "
                               "it", path=apath, hint="restore the adapter_config.json of this run "
                                                      "(LD203)")
             spec = LoraSpec(module=module, kind=kind, a=a, b=b, r=r, alpha=float(alpha),
@@ -493,6 +499,6 @@ def _shard(tensors: list[PlannedTensor], max_shard_size: int) -> list[PlannedSha
     for i, group in enumerate(groups, start=1):
         header, offsets = build_header(HeaderEntry(t.name, t.dtype, t.shape, t.nbytes)
                                        for t in group)
-        placed = tuple(replace(t, begin=b, end=e) for t, (b, e) in zip(group, offsets))
+        placed = tuple(replace(t, begin=b, end=e) for t, (b, e) in zip(group, offsets, strict=True))
         shards.append(PlannedShard(f"model-{i:05d}-of-{n:05d}.safetensors", header, placed))
     return shards

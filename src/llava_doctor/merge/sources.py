@@ -49,7 +49,7 @@ def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...] | None) -> bool:
     if stride is None:
         return True
     expected = 1
-    for size, st in zip(reversed(shape), reversed(stride)):
+    for size, st in zip(reversed(shape), reversed(stride), strict=True):
         if size != 1 and st != expected:
             return False
         expected *= size
@@ -175,7 +175,7 @@ class TensorSource:
             buf = torch.empty(info.nbytes, dtype=torch.uint8)
             if info.nbytes:
                 self.read_into(name, 0, info.shape[0] if len(info.shape) >= 2 else 1,
-                               memoryview(buf.numpy()))
+                               byte_view(buf))
             return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
         if self._fallback is None:
             # One file at a time (the plan visits a file's tensors together); torch zip files
@@ -199,8 +199,14 @@ class TensorSource:
         n = (stop - start) * row_bytes(info)
         buf = torch.empty(n, dtype=torch.uint8)
         if n:
-            self.read_into(name, start, stop - start, memoryview(buf.numpy()))
+            self.read_into(name, start, stop - start, byte_view(buf))
         return buf.view(torch_dtype(info.dtype)).reshape((stop - start, *info.shape[1:]))
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
+    """A writable memoryview over a contiguous CPU uint8 tensor (no copy)."""
+    # numpy arrays are buffers; the stubs just do not say so
+    return memoryview(t.numpy())  # type: ignore[arg-type]
 
 
 def row_bytes(info: TensorInfo) -> int:

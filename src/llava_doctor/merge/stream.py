@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from llava_doctor.errors import MergeError
 from llava_doctor.merge.lora_math import LoraTensors, apply_bias, apply_rows
 from llava_doctor.merge.plan import MergePlan, PlannedShard, PlannedTensor
-from llava_doctor.merge.sources import TensorSource, read_exact, row_bytes, torch_dtype
+from llava_doctor.merge.sources import TensorSource, byte_view, read_exact, row_bytes, torch_dtype
 from llava_doctor.merge.writer import ShardWriter
 
 if TYPE_CHECKING:
@@ -219,6 +219,8 @@ class Executor:
         self.check_finite = check_finite
         self.read_back = read_back
         self.reread: dict[str, str] | None = None
+        self._work: torch.Tensor | None = None
+        self._inbuf: torch.Tensor | None = None
         self.plan = plan
         self.out_dir = out_dir
         self.device = device
@@ -257,7 +259,7 @@ class Executor:
             kind, sw, *rest = item
             if kind == "block":
                 offset, buf, nbytes = rest
-                sw.hash(memoryview(buf.numpy())[:nbytes])
+                sw.hash(byte_view(buf)[:nbytes])
                 pool.give(buf)
                 if self.reread is not None:
                     rb = readers.get(sw.path.name)
@@ -275,7 +277,7 @@ class Executor:
             kind, sw, *rest = item
             if kind == "block":
                 offset, buf, nbytes = rest
-                sw.write(memoryview(buf.numpy())[:nbytes], offset)
+                sw.write(byte_view(buf)[:nbytes], offset)
             else:
                 sw.finish()
 
@@ -333,7 +335,8 @@ class Executor:
         finally:
             sources.close()
             torch.set_num_threads(threads)
-            self._work = self._inbuf = None  # type: ignore[assignment]  (before verification)
+            # Freed before verification, which reads tensors of its own.
+            self._work = self._inbuf = None
 
     # --- one tensor ---------------------------------------------------------------------------
     def _lora_tensors(self, t: PlannedTensor, adapter: TensorSource) -> LoraTensors | None:
@@ -381,17 +384,17 @@ class Executor:
                 # A plain copy: the file's bytes go to the writer untouched.
                 if n_in:
                     src.read_into(t.source.key, start, stop - start,
-                                  memoryview(out_buf.numpy())[:n_in])
+                                  byte_view(out_buf)[:n_in])
                 writer.put(("block", sw, base_offset + start * out_row, out_buf, n_out))
                 continue
             if whole is not None:
                 x = whole[start:stop] if len(t.shape) >= 2 else whole
             else:
-                buf = self._inbuf if n_in <= self._inbuf.numel() else torch.empty(
-                    n_in, dtype=torch.uint8)
+                buf = (self._inbuf if self._inbuf is not None and n_in <= self._inbuf.numel()
+                       else torch.empty(n_in, dtype=torch.uint8))
                 if n_in:
                     src.read_into(t.source.key, start, stop - start,
-                                  memoryview(buf.numpy())[:n_in])
+                                  byte_view(buf)[:n_in])
                 x = buf[:n_in].view(in_dt).view(block_shape)
             out_view = out_buf[:n_out].view(out_dt).view(block_shape)
             if lt is None and lbias is None:

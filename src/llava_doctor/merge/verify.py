@@ -80,7 +80,7 @@ def check_hashes(out_dir: Path, hashes: dict[str, str], jobs: int = 2) -> int:
     names = sorted(hashes)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         got = list(pool.map(lambda n: file_sha256(out_dir / n), names))
-    for name, digest in zip(names, got):
+    for name, digest in zip(names, got, strict=True):
         if digest != hashes[name]:
             raise MergeError("verification failed: the file on disk differs from the bytes that "
                              f"were written (sha256 {digest[:12]}... != {hashes[name][:12]}...)",
@@ -115,7 +115,6 @@ def expected_value(plan: MergePlan, t: PlannedTensor, start: int | None = None,
                    stop: int | None = None) -> torch.Tensor:
     """The output tensor (or its rows ``[start, stop)``) recomputed from the inputs with peft's
     formula (`lora_math.reference_merge`), in the output dtype, on the CPU."""
-    import torch
 
     rows = start is not None and stop is not None
     with TensorSource(plan.files[t.source.file]) as src:
