@@ -22,7 +22,14 @@ from pathlib import Path
 
 from llava_doctor.checks.context import Options
 from llava_doctor.doctor import run_checks
-from llava_doctor.fixtures.builder import LLAMA_7B, LLAMA_13B, TINY, build_base, build_lora, build_pretrain
+from llava_doctor.fixtures.builder import (
+    LLAMA_7B,
+    LLAMA_13B,
+    TINY,
+    build_base,
+    build_lora,
+    build_pretrain,
+)
 from llava_doctor.inspect_ import inspect_path
 
 VALUE_CHECKS = ["LD204", "LD205", "LD303", "LD503"]
@@ -80,14 +87,14 @@ def main() -> int:
     ref: dict[str, float] = {}
     for name, paths in built.items():
         size = sum(p.stat().st_size for p in paths["base"].glob("*.safetensors"))
-        t_inspect = timeit(lambda: inspect_path(paths["base"]), args.repeat)
+        t_inspect = timeit(lambda p=paths: inspect_path(p["base"]), args.repeat)
         opts = Options(base=paths["base"], projector=paths["pretrain"] / "mm_projector.bin",
                        fast=True)
-        t_check = timeit(lambda: run_checks([paths["lora"]], opts), args.repeat)
+        t_check = timeit(lambda p=paths, o=opts: run_checks([p["lora"]], o), args.repeat)
         cmd = [sys.executable, "-m", "llava_doctor", "check", "--fast", str(paths["lora"]),
                "--base", str(paths["base"]), "--projector",
                str(paths["pretrain"] / "mm_projector.bin")]
-        t_cli = timeit(lambda: subprocess.run(cmd, capture_output=True), args.repeat)
+        t_cli = timeit(lambda c=cmd: subprocess.run(c, capture_output=True), args.repeat)
         ntensors = inspect_path(paths["base"]).tensor_count
         ref.setdefault("inspect", t_inspect)
         ref.setdefault("check", t_check)

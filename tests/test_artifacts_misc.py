@@ -11,8 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from llava_doctor.artifacts.configs import (load_model_config, read_json, sentencepiece_size,
-                                            tokenizer_length)
+from llava_doctor.artifacts.configs import (
+    load_model_config,
+    read_json,
+    sentencepiece_size,
+    tokenizer_length,
+)
 from llava_doctor.artifacts.discovery import DirKind, classify, find_lora_dirs
 from llava_doctor.artifacts.model_dir import ModelDir
 from llava_doctor.errors import FileCorruptError

@@ -237,7 +237,6 @@ def test_explicit_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_unsearchable_folders_are_skipped(tmp_path, monkeypatch) -> None:
     """Config discovery from a cwd under a folder we may not search: no config, no crash."""
-    from pathlib import Path
 
     from llava_doctor import config
 

@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from llava_doctor.artifacts.safetensors_header import (parse_safetensors_header,
-                                                       read_safetensors_header)
+from llava_doctor.artifacts.safetensors_header import (
+    parse_safetensors_header,
+    read_safetensors_header,
+)
 from llava_doctor.errors import FileCorruptError
 
 

@@ -6,7 +6,7 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,17 +19,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
                   help="Diagnose, repair and merge LLaVA LoRA runs without executing a pickle.")
 
 # Options declared once, reused by every command.
-BaseOpt = Annotated[Optional[Path], typer.Option("--base", help="The base model the LoRA was "
+BaseOpt = Annotated[Path | None, typer.Option("--base", help="The base model the LoRA was "
                                                  "trained on (default: adapter_config.json's "
                                                  "base_model_name_or_path if local or cached).")]
-ProjectorOpt = Annotated[Optional[Path], typer.Option("--projector", help="Stage-1 "
+ProjectorOpt = Annotated[Path | None, typer.Option("--projector", help="Stage-1 "
                                                       "mm_projector.bin (default: a sibling "
                                                       "*-pretrain/mm_projector.bin).")]
-PeftOpt = Annotated[Optional[str], typer.Option("--peft-version", help="The peft version that "
+PeftOpt = Annotated[str | None, typer.Option("--peft-version", help="The peft version that "
                                                 "will load the adapter (default: installed peft).")]
-SelectOpt = Annotated[Optional[list[str]], typer.Option("--select", help="Only these codes or "
+SelectOpt = Annotated[list[str] | None, typer.Option("--select", help="Only these codes or "
                                                         "prefixes (repeatable).")]
-IgnoreOpt = Annotated[Optional[list[str]], typer.Option("--ignore", help="Skip these codes or "
+IgnoreOpt = Annotated[list[str] | None, typer.Option("--ignore", help="Skip these codes or "
                                                         "prefixes (repeatable).")]
 
 
@@ -71,14 +71,14 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=version_ca
 # The --format choices are the renderer registry's keys (check-jsonschema's reporter dict).
 Format = Enum("Format", {name: name for name in RENDERERS}, type=str)  # type: ignore[misc]
 FormatOpt = Annotated[Format, typer.Option("--format", help="Report format.")]
-OutputOpt = Annotated[Optional[Path], typer.Option(
+OutputOpt = Annotated[Path | None, typer.Option(
     "--output", "-o", metavar="FILE",
     help="Write the report to FILE (created only when the run completes) instead of stdout.")]
-RootOpt = Annotated[Optional[Path], typer.Option(
+RootOpt = Annotated[Path | None, typer.Option(
     "--root", metavar="DIR",
     help="Paths in sarif, github, junit and markdown reports are relative to DIR (default: the "
          "working directory).")]
-ConfigOpt = Annotated[Optional[Path], typer.Option(
+ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", metavar="FILE",
     help="Read this .llava-doctor.toml or pyproject.toml instead of searching upward from the "
          "working directory.")]
@@ -96,10 +96,10 @@ def _codes(values: list[str] | None, flag: str) -> list[str] | None:
 
 @app.command()
 def check(
-    paths: Annotated[Optional[list[Path]], typer.Argument(
+    paths: Annotated[list[Path] | None, typer.Argument(
         metavar="DIR", help="LoRA output dirs or checkpoint-N dirs (globs are expanded; a file "
                             "stands for its directory).")] = None,
-    recursive: Annotated[Optional[list[Path]], typer.Option(
+    recursive: Annotated[list[Path] | None, typer.Option(
         "--recursive", "-r", metavar="ROOT",
         help="Check every LoRA output and checkpoint-N under ROOT (repeatable).")] = None,
     base: BaseOpt = None,
@@ -108,7 +108,7 @@ def check(
     fmt: FormatOpt = Format.text,
     output: OutputOpt = None,
     root: RootOpt = None,
-    fail_on: Annotated[Optional[Severity], typer.Option(
+    fail_on: Annotated[Severity | None, typer.Option(
         "--fail-on", case_sensitive=False, help="Exit 1 when a finding is at or above this "
                                                 "severity (default: error).")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Same as --fail-on warning.")] = False,
@@ -120,7 +120,7 @@ def check(
                     ] = False,
     scan_base: Annotated[bool, typer.Option("--scan-base", help="Also read base tensor values.")
                          ] = False,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Planned merge output dir "
+    out: Annotated[Path | None, typer.Option("--out", help="Planned merge output dir "
                                                 "(enables the disk-space preflight).")] = None,
     select: SelectOpt = None,
     ignore: IgnoreOpt = None,
@@ -199,7 +199,7 @@ def inspect(
 
 @app.command()
 def explain(
-    code: Annotated[Optional[str], typer.Argument(help="A finding code, e.g. LD101.")] = None,
+    code: Annotated[str | None, typer.Argument(help="A finding code, e.g. LD101.")] = None,
     all_codes: Annotated[bool, typer.Option("--all", help="List every code.")] = False,
 ) -> None:
     """Print a check's documentation (What it does / Why is this bad / Example / Fix)."""
@@ -222,7 +222,7 @@ def explain(
 
 @app.command()
 def demo(
-    workdir: Annotated[Optional[Path], typer.Option("--dir", help="Build the demo here instead "
+    workdir: Annotated[Path | None, typer.Option("--dir", help="Build the demo here instead "
                                                     "of a temporary directory (kept).")] = None,
 ) -> None:
     """Build tiny LLaVA LoRA artifacts and run check on a healthy and a broken run."""

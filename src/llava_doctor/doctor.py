@@ -11,8 +11,15 @@ from llava_doctor.artifacts.discovery import LORA_KINDS, DirKind
 from llava_doctor.checks.base import CheckSpec, Hit, Skip, all_checks
 from llava_doctor.checks.context import Context, Options
 from llava_doctor.errors import DoctorError
-from llava_doctor.models import (CheckOutcome, CheckStatus, Finding, FixSafety, Report, Severity,
-                                 TargetResult)
+from llava_doctor.models import (
+    CheckOutcome,
+    CheckStatus,
+    Finding,
+    FixSafety,
+    Report,
+    Severity,
+    TargetResult,
+)
 
 INTERNAL = "LD000"
 # The file-integrity checks report read errors that any other check may have run into (value

@@ -54,7 +54,8 @@ class UnsafePickleError(DoctorError):
     default_hint = ("do not load this file with torch.load(weights_only=False); obtain the weights "
                     "from a trusted source, preferably as .safetensors")
 
-    def __init__(self, message: str, *, path: Path | str, global_name: str, hint: str | None = None):
+    def __init__(self, message: str, *, path: Path | str, global_name: str,
+                 hint: str | None = None):
         super().__init__(message, path=path, hint=hint)
         self.global_name = global_name
 

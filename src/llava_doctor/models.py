@@ -48,7 +48,8 @@ class Finding(_Frozen):
     code: str = Field(description="Stable finding code, e.g. LD101")
     name: str = Field(description="Kebab-case name of the check")
     severity: Severity
-    message: str = Field(description="One paragraph naming the file, expected vs actual, the remedy")
+    message: str = Field(
+        description="One paragraph naming the file, expected vs actual, the remedy")
     path: str | None = Field(default=None, description="The file or directory the finding is about")
     target: str = Field(description="The checked directory this finding belongs to")
     evidence: dict[str, Any] = Field(default_factory=dict)

@@ -43,7 +43,8 @@ def read_json(path: Path | str) -> dict[str, Any]:
                                rule="invalid-json") from None
     if not isinstance(obj, dict):
         raise FileCorruptError(f"holds a JSON {type(obj).__name__}, not an object", path=path,
-                               rule="invalid-json", hint="restore the file from the training output")
+                               rule="invalid-json",
+                               hint="restore the file from the training output")
     return obj
 
 
@@ -156,7 +157,8 @@ def load_adapter_config(path: Path | str) -> AdapterConfig:
     except Exception as e:  # pydantic ValidationError: a field of the wrong type
         raise FileCorruptError(f"has a field of the wrong type ({_first_error(e)})", path=path,
                                rule="invalid-config",
-                               hint="restore adapter_config.json from the training output") from None
+                               hint="restore adapter_config.json from the training output"
+                               ) from None
 
 
 def load_generation_config(path: Path | str) -> GenerationConfig:

@@ -18,7 +18,7 @@ STATE_DIR = ".llava-doctor"
 class DirKind(str, Enum):
     lora = "lora-output"          # final LoRA output dir (adapter + LLaVA extras)
     checkpoint = "checkpoint"     # HF Trainer's intermediate checkpoint-N of a LoRA run
-    lora_partial = "lora-partial"  # LoRA leftovers without an adapter (e.g. only non_lora_trainables)
+    lora_partial = "lora-partial"  # LoRA leftovers without an adapter (only non_lora_trainables)
     pretrain = "pretrain"         # stage-1 output: mm_projector.bin
     model = "model"               # a full model (base LLM, LLaVA checkpoint or merged output)
     missing = "missing"
@@ -66,7 +66,7 @@ LORA_KINDS = frozenset({DirKind.lora, DirKind.checkpoint, DirKind.lora_partial})
 
 
 def find_lora_dirs(root: Path | str, max_depth: int = 6) -> Iterator[Path]:
-    """Every LoRA output dir or checkpoint under a training output root (sorted, no symlink loops)."""
+    """Every LoRA output dir or checkpoint under a training root (sorted, no symlink loops)."""
     root = Path(root)
     seen: set[tuple[int, int]] = set()
 

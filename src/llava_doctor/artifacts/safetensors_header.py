@@ -58,7 +58,8 @@ def parse_safetensors_header(head: bytes, file_size: int, path: Path | str) -> S
                                 tensor=tensor)
 
     if file_size < 8 or len(head) < 8:
-        raise bad("header-too-small", f"file is {file_size} bytes, shorter than the 8-byte header length")
+        raise bad("header-too-small",
+                  f"file is {file_size} bytes, shorter than the 8-byte header length")
     (n,) = struct.unpack("<Q", head[:8])
     if n > MAX_HEADER_SIZE:
         raise bad("header-too-large", f"declared header length {n} exceeds {MAX_HEADER_SIZE} bytes")
@@ -125,14 +126,16 @@ def parse_safetensors_header(head: bytes, file_size: int, path: Path | str) -> S
                       "contiguous with no gaps or overlaps", tensor=name)
         numel = prod(shape)
         if numel > _U64_MAX:
-            raise bad("validation-overflow", f"tensor '{name}' element count overflows", tensor=name)
+            raise bad("validation-overflow", f"tensor '{name}' element count overflows",
+                      tensor=name)
         nbits = numel * DTYPE_BITS[dtype]
         if nbits % 8:
             raise bad("misaligned-slice", f"tensor '{name}' is not a whole number of bytes",
                       tensor=name)
         if end - begin != nbits // 8:
             raise bad("tensor-invalid-info",
-                      f"tensor '{name}' of shape {list(shape)} {dtype} needs {nbits // 8} bytes but "
+                      f"tensor '{name}' of shape {list(shape)} {dtype} needs {nbits // 8} bytes "
+                      "but "
                       f"data_offsets span {end - begin}", tensor=name)
         tensors[name] = TensorInfo(name=name, dtype=dtype, shape=shape, nbytes=end - begin,
                                    offset=data_start + begin)

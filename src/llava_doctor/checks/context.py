@@ -14,8 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 from llava_doctor.artifacts import configs
 from llava_doctor.artifacts.configs import AdapterConfig, GenerationConfig, ModelConfig
-from llava_doctor.artifacts.discovery import (ADAPTER_WEIGHTS, NON_LORA, PROJECTOR, STATE_DIR,
-                                              DirKind, classify)
+from llava_doctor.artifacts.discovery import (
+    ADAPTER_WEIGHTS,
+    NON_LORA,
+    PROJECTOR,
+    STATE_DIR,
+    DirKind,
+    classify,
+)
 from llava_doctor.artifacts.model_dir import ModelDir
 from llava_doctor.artifacts.tensor_stats import TensorStats, tensor_stats
 from llava_doctor.artifacts.weights import WeightFile, iter_tensors, load_tensors, read_weight_file
