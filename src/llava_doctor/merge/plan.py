@@ -453,6 +453,9 @@ def build_plan(inputs: MergeInputs, *, dtype: str = "float16", max_shard_size: i
                           f"{len(unmatched) - 1} others too); peft would drop it silently",
                           path=apath, hint="pass the base the LoRA was trained on (LD207), or "
                                            "--force to merge without them")
+    if not specs and not bias_deltas:
+        notes.append("the adapter holds no LoRA tensors: the merged model is the base plus the "
+                     "LLaVA parts only (LD105)")
     if dropped:
         notes.append(f"{len(dropped)} input tensor(s) not carried over: "
                      + "; ".join(f"{k} ({v})" for k, v in list(dropped.items())[:3])

@@ -367,6 +367,8 @@ class Executor:
                  if t.lora_bias is not None else None)
         in_dt = torch_dtype(info.dtype)
         out_dt = torch_dtype(t.dtype)
+        narrows = (in_dt.is_floating_point and out_dt.is_floating_point
+                   and torch.finfo(out_dt).max < torch.finfo(in_dt).max)
         direct = src.direct(t.source.key)
         whole = None if direct else src.tensor(t.source.key)
         rows, step = _row_plan(t, direct)
@@ -398,7 +400,11 @@ class Executor:
                 x = buf[:n_in].view(in_dt).view(block_shape)
             out_view = out_buf[:n_out].view(out_dt).view(block_shape)
             if lt is None and lbias is None:
-                out_view.copy_(x)  # dtype change only: one rounding
+                # A dtype change only: one rounding; narrowing (bf16 -> fp16) can overflow.
+                if (self.check_finite and narrows and x.is_floating_point()
+                        and not self._in_range(x, out_dt)):
+                    raise self._overflow(t)
+                out_view.copy_(x)
             else:
                 w = self._float32(x, block_shape)
                 if lt is not None:
@@ -410,12 +416,16 @@ class Executor:
                     w = w.to(out_dt)  # round on the device, move half the bytes
                 out_view.copy_(w)  # the one rounding to the output dtype
                 if not finite:
-                    raise MergeError(
-                        f"merged tensor '{t.name}' has values that are NaN or too large for "
-                        f"{t.dtype} (the LoRA delta overflows it)", path=self.plan.adapter_path,
-                        hint="merge with --dtype bfloat16 or float32 (LD503), or check the "
-                             "adapter for NaN/Inf (LD205)")
+                    raise self._overflow(t)
             writer.put(("block", sw, base_offset + start * out_row, out_buf, n_out))
+
+    def _overflow(self, t: PlannedTensor) -> MergeError:
+        where = self.plan.adapter_path if t.lora is not None else t.source.file
+        return MergeError(
+            f"merged tensor '{t.name}' has values that are NaN or too large for {t.dtype}"
+            + (" (the LoRA delta overflows it)" if t.lora is not None else ""), path=where,
+            hint="merge with --dtype bfloat16 or float32 (LD503), or check the inputs for "
+                 "NaN/Inf (LD205)")
 
     @staticmethod
     def _in_range(w: torch.Tensor, out_dt: torch.dtype) -> bool:
