@@ -184,3 +184,26 @@ def test_disk_full_in_the_middle_of_a_shard(run: dict[str, Path], monkeypatch: p
         signal.signal(signal.SIGXFSZ, old_handler)
     assert "file size limit exceeded while writing the shard" in str(exc.value)
     assert not out.exists() and leftovers(out) == []
+
+
+def test_sigterm_unwinds_cleanly(run: dict[str, Path]) -> None:
+    """SIGTERM (and Ctrl-C) stop the merge like an error: work dir removed, one line, exit 130."""
+    out = run["root"] / "llava-v1.5-tiny-terminated"
+    env = {k: v for k, v in os.environ.items() if k != ABORT_ENV}
+    for _ in range(3):  # the merge of the tiny run can finish before the signal lands: retry
+        proc = subprocess.Popen([sys.executable, "-m", "llava_doctor", "merge", str(run["lora"]),
+                                 "--base", str(run["base"]), "--out", str(out), "-q",
+                                 "--overwrite"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not leftovers(out) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        if proc.returncode == 130:
+            assert err == f"llava-doctor: aborted; nothing was written to {out}\n"
+            assert not out.exists() and leftovers(out) == []
+            return
+        assert proc.returncode == 0 and leftovers(out) == []  # finished first: complete
+        assert_complete(out)
+    pytest.fail("the merge finished before SIGTERM three times in a row")

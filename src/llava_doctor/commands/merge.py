@@ -158,6 +158,10 @@ def register(app: typer.Typer) -> None:
             raise _fail(e) from None
         except DoctorError as e:
             raise _fail(e) from None
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM: the library has removed its work directory on the way out.
+            print(f"llava-doctor: aborted; nothing was written to {out}", file=sys.stderr)
+            raise typer.Exit(130) from None
         finally:
             for sig, handler in saved.items():
                 signal.signal(sig, handler)

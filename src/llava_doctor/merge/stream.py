@@ -104,7 +104,7 @@ class _Stage(threading.Thread):
                 except BaseException as e:  # surfaced in the main thread by check()
                     self.error = e
             if self.nxt is not None:
-                self.nxt.put(item)
+                self.nxt.put(item, check=False)  # errors are the main thread's to raise
             if item is None:
                 return
 
@@ -114,16 +114,17 @@ class _Stage(threading.Thread):
         if self.nxt is not None:
             self.nxt.check()
 
-    def put(self, item: Any) -> None:
+    def put(self, item: Any, check: bool = True) -> None:
+        """Queue ``item``; with ``check``, first raise any stage's failure (main thread)."""
         while True:
-            if item is not None:
+            if check and item is not None:
                 self.check()
             try:
                 self.q.put(item, timeout=0.2)
                 return
             except queue.Full:
-                if item is None and not self.is_alive():
-                    return
+                if not self.is_alive():
+                    return  # nobody will ever take it
                 continue
 
 
