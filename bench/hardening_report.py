@@ -1,0 +1,196 @@
+"""The figures of the README's "Guarantees" section, measured by one command.
+
+  * malicious pickles: every technique of the test corpus (tests/malicious_pickles.py) walked by
+    the reader and run through `llava-doctor check` as a non_lora_trainables.bin; how many were
+    flagged and how many executed (a canary file per payload);
+  * fuzzing: bench/fuzz.py for --fuzz-seconds (inputs tried, crashes, slowest input);
+  * kill points: `llava-doctor fix` and `llava-doctor merge` aborted after every write
+    (LLAVA_DOCTOR_TEST_ABORT_AFTER_WRITES=N) and SIGKILLed at random moments; originals that were
+    neither untouched nor fully replaced with a backup are "corrupted", and an output directory
+    that exists after a killed merge without being a complete model is a "partial output".
+
+Usage: python bench/hardening_report.py [--fuzz-seconds 60] [--random-kills 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from llava_doctor.errors import FileCorruptError, UnsafePickleError  # noqa: E402
+from llava_doctor.fixes.apply import ABORT_ENV, ABORT_EXIT  # noqa: E402
+from llava_doctor.fixtures import build_all, build_base, build_lora  # noqa: E402
+from llava_doctor.fixtures.builder import TINY  # noqa: E402
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    e = {k: v for k, v in os.environ.items() if k != ABORT_ENV}
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "llava_doctor", *args], capture_output=True,
+                          text=True, env=e)
+
+
+def malicious(work: Path) -> tuple[int, int, int]:
+    import malicious_pickles as mp
+    from llava_doctor.artifacts.torchfile import read_torch_file
+
+    lora_template = build_all(work / "fx")["lora"]
+    tried = flagged = executed = 0
+    for i, tech in enumerate(mp.TECHNIQUES):
+        d = work / f"mal-{i}" / "llava-v1.5-evil-lora"
+        shutil.copytree(lora_template, d)
+        canary = d.parent / "CANARY"
+        path = d / "non_lora_trainables.bin"
+        (d.parent / "src").mkdir()
+        shutil.copyfile(tech.build(d.parent / "src", canary), path)
+        tried += 1
+        ok = False
+        try:
+            read_torch_file(path)
+        except (UnsafePickleError, FileCorruptError):
+            ok = True
+        r = cli("check", str(d), "--select", "LD5")
+        ok = ok and r.returncode == 1 and ("LD502" in r.stdout or "LD501" in r.stdout)
+        flagged += ok
+        executed += canary.exists()
+    return tried, flagged, executed
+
+
+def fix_kills(work: Path, random_kills: int, rng: random.Random) -> tuple[int, int]:
+    name = "llava-v1.5-tiny-finetune"  # LD106 symlink, LD305 keys, LD406, LD208, LD201 fixes
+    template = work / "fix-template"
+    base = build_base(template / "vicuna-tiny-v1.5", TINY)
+    build_lora(template / name, TINY, base=base, non_lora_style="ddp", model_type="llava",
+               quantization_config=True, peft_version="0.10.0")
+    files = ("adapter_config.json", "config.json", "non_lora_trainables.bin")
+    originals = {f: sha(template / name / f) for f in files}
+
+    def run(env: dict[str, str] | None, kill_after: float | None) -> tuple[bool, int]:
+        root = work / f"fix-{time.monotonic_ns()}"
+        shutil.copytree(template, root, symlinks=True)
+        args = ["fix", str(root / name), "--base", str(root / "vicuna-tiny-v1.5"),
+                "--peft-version", "0.8.0", "--yes", "--unsafe"]
+        if kill_after is None:
+            rc = cli(*args, env=env).returncode
+        else:
+            p = subprocess.Popen([sys.executable, "-m", "llava_doctor", *args],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(kill_after)
+            p.send_signal(signal.SIGKILL)
+            rc = p.wait()
+        backups = {sha(p) for p in (root / name / ".llava-doctor").rglob("*")
+                   if p.is_file() and p.name != "manifest.json"} \
+            if (root / name / ".llava-doctor").exists() else set()
+        corrupt = 0
+        for f in files:
+            now = sha(root / name / f)
+            if now != originals[f] and originals[f] not in backups:
+                corrupt += 1
+        shutil.rmtree(root, ignore_errors=True)
+        return rc == ABORT_EXIT or rc == -signal.SIGKILL, corrupt
+
+    points = corrupted = 0
+    n = 1
+    while True:
+        aborted, bad = run({ABORT_ENV: str(n)}, None)
+        if not aborted:
+            break
+        points += 1
+        corrupted += bad
+        n += 1
+    for _ in range(random_kills):
+        _, bad = run(None, rng.uniform(0.3, 2.5))
+        points += 1
+        corrupted += bad
+    return points, corrupted
+
+
+def incomplete(out: Path) -> bool:
+    """An output dir that exists but is not a complete model (a killed merge must leave none;
+    a kill after the final rename leaves a complete one, which is fine)."""
+    from llava_doctor.artifacts.model_dir import ModelDir
+    from llava_doctor.errors import DoctorError
+
+    if not out.exists():
+        return False
+    try:
+        md = ModelDir.find(out)
+    except DoctorError:
+        return True
+    return (md is None or bool(md.problems) or md.index_total_size != md.total_bytes
+            or not (out / "config.json").is_file())
+
+
+def merge_kills(work: Path, random_kills: int, rng: random.Random) -> tuple[int, int]:
+    paths = build_all(work / "mfx")
+    lora, base = paths["lora"], paths["base-vicuna"]
+    points = partial = 0
+    n = 1
+    while n < 500:
+        out = work / f"merged-{n}" / "llava-v1.5-tiny-merged"
+        r = cli("merge", str(lora), "--base", str(base), "--out", str(out), "--quiet",
+                env={ABORT_ENV: str(n)})
+        if r.returncode != -signal.SIGKILL:
+            break
+        points += 1
+        partial += incomplete(out)
+        n += 1
+    for i in range(random_kills):
+        out = work / f"merged-r{i}" / "llava-v1.5-tiny-merged"
+        p = subprocess.Popen([sys.executable, "-m", "llava_doctor", "merge", str(lora), "--base",
+                              str(base), "--out", str(out), "--quiet"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 3.0))
+        p.send_signal(signal.SIGKILL)
+        if p.wait() == -signal.SIGKILL:
+            points += 1
+            partial += incomplete(out)
+    return points, partial
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fuzz-seconds", type=float, default=60.0)
+    ap.add_argument("--random-kills", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    rng = random.Random(args.seed)
+    work = Path(tempfile.mkdtemp(prefix="llava-doctor-hardening-"))
+    try:
+        tried, flagged, executed = malicious(work)
+        print(f"malicious pickles: {tried} tried, {flagged} flagged (LD502/LD501), "
+              f"{executed} executed")
+        fz = subprocess.run([sys.executable, str(REPO / "bench" / "fuzz.py"), "--seconds",
+                             str(args.fuzz_seconds)], capture_output=True, text=True)
+        lines = dict(ln.split(": ", 1) for ln in fz.stdout.splitlines() if ": " in ln)
+        print(f"fuzz: {lines.get('fuzz inputs tried')} inputs tried, {lines.get('crashes')} "
+              f"crashes, slowest {lines.get('slowest input')}")
+        fp, fc = fix_kills(work, args.random_kills, rng)
+        print(f"fix kill points: {fp} tried, {fc} corrupted originals")
+        mp_, mpart = merge_kills(work, args.random_kills, rng)
+        print(f"merge kill points: {mp_} tried, {mpart} partial outputs")
+        return 0 if (executed == 0 and flagged == tried and fc == 0 and mpart == 0
+                     and lines.get("crashes") == "0") else 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
