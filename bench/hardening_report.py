@@ -49,6 +49,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 def malicious(work: Path) -> tuple[int, int, int]:
     import malicious_pickles as mp
+
     from llava_doctor.artifacts.torchfile import read_torch_file
 
     lora_template = build_all(work / "fx")["lora"]
