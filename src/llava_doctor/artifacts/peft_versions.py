@@ -299,3 +299,48 @@ def changes_math(field: str, value: Any) -> bool:
 def non_default_math_fields(config: dict[str, Any]) -> dict[str, Any]:
     """The entries of an adapter config dict that change the maths (see :func:`changes_math`)."""
     return {k: v for k, v in config.items() if changes_math(k, v)}
+
+
+@dataclass(frozen=True)
+class UnknownFields:
+    """The keys of an adapter_config.json that a target peft does not know, by consequence."""
+
+    defaults: tuple[str, ...]      # hold their default: dropping them is exact
+    neutral: tuple[str, ...]       # non-default, but without effect on what the adapter computes
+    math: tuple[str, ...]          # change the maths: dropping them changes the merged weights
+    unrecognised: tuple[str, ...]  # unknown to every release up to LATEST_KNOWN
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        return (*self.defaults, *self.neutral, *self.math, *self.unrecognised)
+
+
+def is_default_value(value: Any, default: Any) -> bool:
+    """A value equal to the default, counting null/{}/[]/false/"none" as one 'empty'."""
+    empty: tuple[Any, ...] = (None, {}, [], False, "none")
+    return value == default or (value in empty and default in empty)
+
+
+def classify_unknown_fields(config: dict[str, Any], version: str) -> UnknownFields:
+    """Sort the keys of `config` that peft `version` does not know (LD201 and its fix)."""
+    known = fields_known_by(version)
+    beyond_table = parse_version(version) > parse_version(LATEST_KNOWN)
+    groups: dict[str, list[str]] = {"defaults": [], "neutral": [], "math": [], "unrecognised": []}
+    for key, value in config.items():
+        if key in known:
+            continue
+        info = FIELDS.get(key)
+        if info is None:
+            # The table ends at LATEST_KNOWN: a newer target may know the key; do not guess.
+            if not beyond_table:
+                groups["unrecognised"].append(key)
+            continue
+        if not info.persisted:
+            continue
+        if changes_math(key, value):
+            groups["math"].append(key)
+        elif is_default_value(value, info.default):
+            groups["defaults"].append(key)
+        else:
+            groups["neutral"].append(key)
+    return UnknownFields(**{k: tuple(v) for k, v in groups.items()})

@@ -296,27 +296,9 @@ def adapter_config_version(ctx: Context) -> Iterable[Hit]:
     raw = ctx.adapter_config_raw
     if raw is None:
         raise Skip("no readable adapter_config.json")
-    known = peft_versions.fields_known_by(version)
-    beyond_table = peft_versions.parse_version(version) > peft_versions.parse_version(
-        peft_versions.LATEST_KNOWN)
-    defaults, neutral, math_fields, alien = [], [], [], []
-    for key, value in raw.items():
-        if key in known:
-            continue
-        info = peft_versions.FIELDS.get(key)
-        if info is None:
-            # Our table ends at LATEST_KNOWN: a newer target may know the key; do not guess.
-            if not beyond_table:
-                alien.append(key)
-            continue
-        if not info.persisted:
-            continue
-        if peft_versions.changes_math(key, value):
-            math_fields.append(key)
-        elif _is_default(value, info.default):
-            defaults.append(key)
-        else:
-            neutral.append(key)
+    groups = peft_versions.classify_unknown_fields(raw, version)
+    defaults, neutral = list(groups.defaults), list(groups.neutral)
+    math_fields, alien = list(groups.math), list(groups.unrecognised)
     unknown = [k for k in raw if k in {*defaults, *neutral, *math_fields, *alien}]
     if not unknown:
         return
@@ -360,11 +342,6 @@ def adapter_config_version(ctx: Context) -> Iterable[Hit]:
     yield Hit(f"{path} has fields peft {version} does not know ({listing}); {consequence}. "
               f"{what}, so dropping them is exact: `llava-doctor fix` removes them (safe), or "
               f"{upgrade}", path=path, evidence=evidence, fix=FixSafety.safe)
-
-
-def _is_default(value: Any, default: Any) -> bool:
-    empty: tuple[Any, ...] = (None, {}, [], False, "none")
-    return value == default or (value in empty and default in empty)
 
 
 def _json(value: Any) -> str:

@@ -18,12 +18,6 @@ from llava_doctor.fixes.registry import (
 from llava_doctor.models import FixSafety
 
 ADAPTER_CONFIG = "adapter_config.json"
-_EMPTY = (None, {}, [], False, "none")
-
-
-def _is_default(value: Any, default: Any) -> bool:
-    return value == default or (value in _EMPTY and default in _EMPTY)
-
 
 def _json(v: Any) -> str:
     import json
@@ -38,31 +32,16 @@ def fix_adapter_config_version(pi: PlanInput) -> Outcome:
     if version is None:
         return CannotFix("no target peft version (pass --peft-version or install peft)")
     try:
-        target = peft_versions.parse_version(version)
+        peft_versions.parse_version(version)
     except ValueError:
         return CannotFix(f"--peft-version '{version}' is not a version number")
     raw = pi.ws.json(ADAPTER_CONFIG)
     if raw is None:
         return CannotFix(f"{pi.ctx.path / ADAPTER_CONFIG} is missing or unreadable")
-    known = peft_versions.fields_known_by(version)
-    beyond_table = target > peft_versions.parse_version(peft_versions.LATEST_KNOWN)
-    drop: list[str] = []
-    maths: list[str] = []
-    alien: list[str] = []
-    for key, value in raw.items():
-        if key in known:
-            continue
-        info = peft_versions.FIELDS.get(key)
-        if info is None:
-            if not beyond_table:
-                alien.append(key)
-            continue
-        if not info.persisted:
-            continue
-        if peft_versions.changes_math(key, value):
-            maths.append(key)
-        else:  # its default, or a value without effect on what the adapter computes
-            drop.append(key)
+    groups = peft_versions.classify_unknown_fields(raw, version)
+    # A default, or a value without effect on what the adapter computes: dropping it is exact.
+    drop = [*groups.defaults, *groups.neutral]
+    maths, alien = list(groups.math), list(groups.unrecognised)
     if not (drop or maths or alien):
         return NothingToDo(f"peft {version} knows every key")
     if alien:
@@ -95,7 +74,7 @@ def fix_adapter_config_version(pi: PlanInput) -> Outcome:
     edits["use_rslora"] = DELETE
     edits["lora_alpha"] = new_alpha
     pattern = raw.get("alpha_pattern") or {}
-    if pattern and "alpha_pattern" in known:
+    if pattern and "alpha_pattern" in peft_versions.fields_known_by(version):
         edits["alpha_pattern"] = {k: exact_plain_alpha(float(a), r) for k, a in pattern.items()}
     extra = f"; also removes {listing}" if listing else ""
     return Proposal(
