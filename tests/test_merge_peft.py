@@ -277,7 +277,8 @@ def test_output_dtypes(world: dict[str, Path], dtype: str, torch_dtype: torch.dt
 def test_auto_dtype_keeps_the_base_dtype(world: dict[str, Path]) -> None:
     lora = _lora(world, "dtype-auto", "vicuna", {}, "pretrain")
     out = lora.parent / "llava-v1.5-tiny-auto-merged"
-    merge(lora, world["vicuna"], out, device="cpu", dtype="auto", durable=False)
+    result = merge(lora, world["vicuna"], out, device="cpu", dtype="auto", durable=False)
+    assert result.dtype == "float16"
     ours = read_output(out)
     assert {v.dtype for v in ours.values()} == {torch.float16}  # the base is float16
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"

@@ -70,7 +70,7 @@ class MergeResult:
     lora_modules: int                 # adapted modules (Linear and Embedding)
     replaced: int                     # tensors replaced by non-LoRA trainables / modules_to_save
     projector_source: str
-    dtype: str
+    dtype: str                        # the output's (dominant) dtype, "auto" resolved
     device: str
     total_size: int                   # bytes of tensor data
     seconds: float
@@ -340,7 +340,8 @@ def merge(lora_dir: Path | str, base: Path | str | None, out: Path | str, *,
         out=out, files=files, shards=len(plan.shards), tensors=len(plan.tensors),
         tensors_merged=sum(1 for t in plan.tensors if t.lora is not None or t.lora_bias),
         lora_modules=plan.lora_modules, replaced=len(plan.replaced),
-        projector_source=plan.projector_source, dtype=dtype, device=dev,
+        projector_source=plan.projector_source,
+        dtype=dtype if dtype != "auto" else _auto_dtype_name(plan), device=dev,
         total_size=plan.total_size, seconds=time.monotonic() - t0, peak_rss_bytes=_peak_rss(),
         verified=checked, notes=tuple(notes), warnings=warnings)
     emit(phase="done", done=result.tensors, total=result.tensors)
