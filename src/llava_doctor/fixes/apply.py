@@ -38,6 +38,7 @@ from llava_doctor.artifacts.discovery import STATE_DIR
 from llava_doctor.errors import DoctorError, FixError
 from llava_doctor.fixes.plan import FileChange, FileOp, FixPlan
 from llava_doctor.fixes.workspace import sha256_file
+from llava_doctor.fsutil import fsync_dir
 
 Observer = Callable[[str], None]
 
@@ -100,20 +101,6 @@ class _Writes:
         self.count += 1
         if self.abort_after is not None and self.count >= self.abort_after:
             os._exit(ABORT_EXIT)  # a crash, not an exit: no cleanup handlers run
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or creation in `path` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _tmp_path(final: Path) -> Path:

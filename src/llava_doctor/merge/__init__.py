@@ -25,6 +25,7 @@ from typing import Any
 
 from llava_doctor.artifacts.configs import read_json
 from llava_doctor.errors import DoctorError, MergeError, UsageError
+from llava_doctor.fsutil import fsync_dir
 from llava_doctor.merge.llava_parts import (
     fixed_generation_config,
     llm_family,
@@ -35,7 +36,7 @@ from llava_doctor.merge.llava_parts import (
 from llava_doctor.merge.plan import DTYPES, MergeInputs, MergePlan, build_plan, parse_size
 from llava_doctor.merge.stream import Executor, MergeEvent, Observer
 from llava_doctor.merge.verify import Verification, verify_output
-from llava_doctor.merge.writer import crash_point, fsync_dir, write_file, write_json
+from llava_doctor.merge.writer import crash_point, write_file, write_json
 from llava_doctor.models import Finding, Report, Severity
 
 __all__ = ["merge", "MergeResult", "MergeEvent", "PreflightRefused", "resolve_device",

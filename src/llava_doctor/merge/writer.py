@@ -192,15 +192,3 @@ def write_json(path: Path, obj: object, *, durable: bool = True) -> str:
                       durable=durable)
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (new files, a rename) durable; best effort off Linux."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
