@@ -24,8 +24,9 @@ def _steps(p: dict[str, Path], root: Path) -> list[Step]:
 
     base = rel("base-vicuna")
     return [
-        ("A healthy LoRA run (vicuna base; the stage-1 projector is found beside it)",
-         ["check", rel("lora"), "--base", base], 0),
+        ("A healthy LoRA run, its vicuna base and its stage-1 projector",
+         ["check", rel("lora"), "--base", base, "--projector",
+          str(Path(rel("pretrain")) / "mm_projector.bin")], 0),
         ("A Trainer checkpoint-N: no config.json, no non_lora_trainables.bin",
          ["check", rel("checkpoint-50"), "--base", base], 1),
         ("fix applies the safe repair (config.json from the run's final dir); the unsafe one "

@@ -17,6 +17,7 @@ from llava_doctor.models import (
     Finding,
     FixSafety,
     Report,
+    ResolvedInput,
     Severity,
     TargetResult,
 )
@@ -105,7 +106,12 @@ def check_target(path: Path, options: Options, checks: Sequence[CheckSpec]
         outcomes[spec.code] = CheckOutcome(
             code=spec.code, name=spec.name,
             status=CheckStatus.failed if hits else CheckStatus.passed)
-    result = TargetResult(path=str(path), kind=kind.value,
+    inputs = []
+    if kind in LORA_KINDS:
+        for role, res in (("base", ctx.base_resolved), ("projector", ctx.projector_resolved)):
+            inputs.append(ResolvedInput(role=role, source=res.source,
+                                        path=str(res.path) if res.path is not None else None))
+    result = TargetResult(path=str(path), kind=kind.value, inputs=inputs,
                           checks=[outcomes[c] for c in sorted(outcomes)])
     flat = [f for code in sorted(findings) for f in findings[code]]
     return result, flat, ctx

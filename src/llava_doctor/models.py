@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 from llava_doctor import __version__
 
 # Bumped on any breaking change to the JSON report (a test pins the JSON Schema).
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 
 
 class Severity(str, Enum):
@@ -65,9 +65,20 @@ class CheckOutcome(_Frozen):
     reason: str | None = None
 
 
+class ResolvedInput(_Frozen):
+    """A model or file the checks used that the user may not have named (the base, the stage-1
+    projector): where it was found, so the report says which file was used."""
+
+    role: str = Field(description="base | projector")
+    path: str | None = Field(description="None when nothing was found")
+    source: str = Field(description="--base, --projector, adapter_config.json, hf-cache, "
+                                    "sibling *-pretrain, ambiguous, none")
+
+
 class TargetResult(_Frozen):
     path: str
     kind: str = Field(description="Directory classification from its files")
+    inputs: list[ResolvedInput] = Field(default_factory=list)
     checks: list[CheckOutcome] = Field(default_factory=list)
 
 

@@ -230,7 +230,8 @@ def _hf_cache_lookup(repo_id: str) -> Path | None:
     except ImportError:
         return None
     try:
-        info = scan_cache_dir()
+        # Read the cache location at call time (HF_HUB_CACHE / HF_HOME may be set after import).
+        info = scan_cache_dir(os.environ.get("HF_HUB_CACHE") or None)
     except Exception:  # no cache dir, unreadable cache: nothing cached
         return None
     for repo in info.repos:

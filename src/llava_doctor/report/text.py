@@ -11,6 +11,12 @@ _MARK = {Severity.error: "✗", Severity.warning: "!", Severity.info: "•"}
 _COLOR = {Severity.error: "31", Severity.warning: "33", Severity.info: "36"}
 
 
+_SOURCE = {"--base": "--base", "--projector": "--projector",
+           "adapter_config.json": "recorded in adapter_config.json",
+           "hf-cache": "from the local Hugging Face cache",
+           "sibling *-pretrain": "found beside the run"}
+
+
 def _c(text: str, code: str, color: bool) -> str:
     return f"\x1b[{code}m{text}\x1b[0m" if color else text
 
@@ -33,6 +39,13 @@ def render_text(report: Report, *, color: bool = False, verbose: bool = False,
     for target in report.targets:
         found = [f for f in report.findings if f.target == target.path]
         lines.append(_c(f"{target.path}", "1", color) + f"  ({target.kind})")
+        used = [f"{i.role}: {_rel(i.path)} ({_SOURCE.get(i.source, i.source)})"
+                if i.path is not None else
+                f"{i.role}: several *-pretrain/mm_projector.bin beside the run, none used "
+                "(pass --projector)"
+                for i in target.inputs if i.path is not None or i.source == "ambiguous"]
+        if used:
+            lines.append("  " + _c("; ".join(used), "2", color))
         for f in found:
             mark = _c(_MARK[f.severity], _COLOR[f.severity], color)
             where = _rel(f.path)
