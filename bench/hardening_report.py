@@ -68,8 +68,11 @@ def malicious(work: Path) -> tuple[int, int, int]:
         except (UnsafePickleError, FileCorruptError):
             ok = True
         r = cli("check", str(d), "--select", "LD5")
-        ok = ok and r.returncode == 1 and ("LD502" in r.stdout or "LD501" in r.stdout)
-        flagged += ok
+        cli_ok = r.returncode == 1 and ("LD502" in r.stdout or "LD501" in r.stdout)
+        if not (ok and cli_ok):
+            print(f"  not flagged: {tech.name} (reader raised: {ok}, check exit "
+                  f"{r.returncode}: {(r.stdout + r.stderr).strip()[-200:]})", file=sys.stderr)
+        flagged += ok and cli_ok
         executed += canary.exists()
     return tried, flagged, executed
 
