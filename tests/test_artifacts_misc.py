@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -134,3 +135,14 @@ def test_wheel_ships_what_the_demo_needs(tmp_path: Path) -> None:
     assert "llava_doctor/fixtures/data/tokenizer.model" in names
     assert "llava_doctor/fixtures/builder.py" in names
     assert any(n.endswith("entry_points.txt") for n in names)
+    # Installed from the wheel (not the checkout), the demo runs end to end.
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                    str(target), str(wheel)], check=True, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    where = subprocess.run([sys.executable, "-c", "import llava_doctor; print(llava_doctor.__file__)"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert where.stdout.startswith(str(target)), where.stdout
+    demo = subprocess.run([sys.executable, "-m", "llava_doctor", "demo"], capture_output=True,
+                          text=True, env=env, cwd=tmp_path)
+    assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
