@@ -105,7 +105,7 @@ def check(
     base: BaseOpt = None,
     projector: ProjectorOpt = None,
     peft_version: PeftOpt = None,
-    fmt: FormatOpt = Format.text,
+    fmt: FormatOpt = Format.text,  # type: ignore[attr-defined]  # members come from RENDERERS
     output: OutputOpt = None,
     root: RootOpt = None,
     fail_on: Annotated[Severity | None, typer.Option(
@@ -160,7 +160,7 @@ def check(
         report = cfg.apply(report)
         text = RENDERERS[fmt.value](report, root=root, fail_on=threshold,
                                     lines=json_key_lines(report),
-                                    color=output is None and fmt == Format.text and _color(),
+                                    color=output is None and fmt == "text" and _color(),
                                     verbose=verbose)
         if output is not None:
             write_atomic(output, text)
@@ -211,12 +211,12 @@ def explain(
             print(f"{spec.code}  {spec.name:<34} {spec.severity.value:<8} fix:{spec.fix.value:<7}"
                   f" {spec.summary}")
         raise typer.Exit(0)
-    spec = checks.get(code.upper())
-    if spec is None:
+    found = checks.get(code.upper())
+    if found is None:
         raise _fail(UsageError(f"unknown code '{code}'",
                                hint="`llava-doctor explain --all` lists the codes"))
-    print(f"# {spec.code} {spec.name} ({spec.severity.value}, fix: {spec.fix.value})\n")
-    print(spec.doc)
+    print(f"# {found.code} {found.name} ({found.severity.value}, fix: {found.fix.value})\n")
+    print(found.doc)
     raise typer.Exit(0)
 
 

@@ -64,8 +64,8 @@ def fix(
             if dry_run:
                 raise UsageError("--undo and --dry-run cannot be combined",
                                  hint="run `llava-doctor fix --undo LORA_DIR`")
-            result = undo_latest(lora_dir, observer=_progress)
-            sys.stdout.write(render_undo(result))
+            undone = undo_latest(lora_dir, observer=_progress)
+            sys.stdout.write(render_undo(undone))
             raise typer.Exit(0)
         if not lora_dir.is_dir():
             raise UsageError("is not a directory: nothing to fix", path=lora_dir,

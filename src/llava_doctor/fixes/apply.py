@@ -393,7 +393,7 @@ def apply_plan(plan: FixPlan, *, observer: Observer | None = None) -> ApplyResul
 
 
 def _manifest(plan: FixPlan, backup: Path) -> dict[str, Any]:
-    files = []
+    files: list[dict[str, Any]] = []
     for fc in plan.files:
         files.append({
             "rel": fc.rel, "path": os.path.abspath(fc.path), "op": fc.op.value,

@@ -242,20 +242,20 @@ def fix_non_lora_missing(pi: PlanInput) -> Outcome:
 
     parent = run_dir_of(ctx)
     if parent is not None and (parent / NON_LORA).is_file():
-        src = parent / NON_LORA
-        tensors = ws.read_tensors(src)
+        final = parent / NON_LORA
+        tensors = ws.read_tensors(final)
         if tensors is None:
-            reasons.append(f"{src} is unreadable or unsafe (see `llava-doctor check {parent}`)")
+            reasons.append(f"{final} is unreadable or unsafe (see `llava-doctor check {parent}`)")
         else:
             facts = projector_facts({k: tuple(v.shape) for k, v in tensors.items()})
             why = projector_mismatch(facts, cfg) if facts is not None else None
             if why:
-                reasons.append(f"{src} does not fit: {why}")
+                reasons.append(f"{final} does not fit: {why}")
             else:
-                def copy(w: Workspace, t: dict = tensors, s: Path = src) -> None:
+                def copy(w: Workspace, t: dict = tensors, s: Path = final) -> None:
                     w.set_tensors(NON_LORA, t, summary=f"tensors of {s}")
                 return Proposal(
-                    title=f"copy {src} ({len(tensors)} tensors) into {ctx.path.name}, re-saved "
+                    title=f"copy {final} ({len(tensors)} tensors) into {ctx.path.name}, re-saved "
                           "with torch.save as plain tensors",
                     safety=FixSafety.unsafe, files=(NON_LORA,), edit=copy,
                     unsafe_reason=f"it holds the projector of the run's final step, not of "

@@ -97,6 +97,6 @@ def fix_loader_name(pi: PlanInput) -> Outcome:
             title=f"create the symlink {link} -> {path.name}: LLaVA names it "
                   f"'{get_model_name_from_path(str(link))}' and takes its LoRA branch",
             safety=FixSafety.safe, files=(rel,), notes=(note,),
-            edit=lambda w, lk=link, t=path.name: w.symlink(lk, t))
+            edit=lambda w, lk=link, t=path.name: w.symlink(lk, t))  # type: ignore[misc]
     return CannotFix(f"every candidate name beside {path} ({first}, {first}-2, ...) is taken; "
                      "create a symlink whose name contains 'llava' and 'lora' yourself")

@@ -22,7 +22,7 @@ class FileOp(str, Enum):
     """What happens to one path."""
 
     create = "create"    # a new regular file
-    replace = "replace"  # an existing file (or symlink) is replaced by a regular file
+    replace = "replace"  # type: ignore[assignment]  # an existing file (or symlink) is replaced by a regular file
     symlink = "symlink"  # a new symbolic link
 
 

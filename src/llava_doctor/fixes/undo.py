@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -46,7 +47,8 @@ def undo_latest(lora_dir: Path, *, observer: Observer | None = None) -> UndoResu
                        path=lora_dir, hint="nothing was changed by `llava-doctor fix` here")
     with dir_lock(lora_dir):
         manifest = list_backups(lora_dir)
-        m = dict(next(mm for d, mm in manifest if d == backup) or {})
+        entry: dict[str, Any] | None = next(mm for d, mm in manifest if d == backup)
+        m: dict[str, Any] = dict(entry or {})
         done = restore(lora_dir, backup, m, new_state="undone", observer=observer)
     return UndoResult(lora_dir=str(lora_dir), backup_dir=str(backup), restored=tuple(done),
                       codes=tuple(c.get("code", "") for c in m.get("changes") or []))
