@@ -108,6 +108,33 @@ def _tmp_path(final: Path) -> Path:
     return final.parent / f"{TMP_PREFIX}{secrets.token_hex(4)}-{final.name}"
 
 
+@contextlib.contextmanager
+def _staged(final: Path, writes: _Writes | None) -> Iterator[Path]:
+    """The one way this module replaces a path: the caller fills a temp path in the same
+    folder; on success it replaces `final` atomically and the folder entry is made durable, on
+    any failure (or kill signal turned exception) the temp path is removed."""
+    writes = writes or _Writes()
+    writes.before()
+    tmp = _tmp_path(final)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(final.parent)
+    writes.after()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(final: Path, data: bytes, *, writes: _Writes | None = None,
                  mode: int | None = None, verify: Callable[[Path], None] | None = None) -> None:
     """Write `data` to `final` through a temp file in the same folder and `os.replace`.
@@ -115,11 +142,8 @@ def atomic_write(final: Path, data: bytes, *, writes: _Writes | None = None,
     `final` itself may be a symlink: the link is replaced, its target is never written.
     `verify(temp_path)` runs on the complete temp file before it replaces anything.
     """
-    writes = writes or _Writes()
-    writes.before()
-    tmp = _tmp_path(final)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
-    try:
+    with _staged(final, writes) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
         try:
             view = memoryview(data)
             while view:
@@ -132,56 +156,25 @@ def atomic_write(final: Path, data: bytes, *, writes: _Writes | None = None,
             os.chmod(tmp, mode)
         if verify is not None:
             verify(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(final.parent)
-    writes.after()
 
 
 def atomic_copy(source: Path, final: Path, *, writes: _Writes | None = None) -> None:
     """Copy a file (bytes, mode and mtime) or a symlink (as a link) onto `final` atomically."""
-    writes = writes or _Writes()
-    writes.before()
-    tmp = _tmp_path(final)
-    try:
+    with _staged(final, writes) as tmp:
         if source.is_symlink():
             os.symlink(os.readlink(source), tmp)
         else:
             shutil.copy2(source, tmp, follow_symlinks=False)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(final.parent)
-    writes.after()
+            _fsync_file(tmp)
 
 
 def atomic_symlink(final: Path, target: str, *, writes: _Writes | None = None) -> None:
     """Create the symlink `final -> target` (fails if `final` appeared meanwhile)."""
-    writes = writes or _Writes()
-    writes.before()
     if os.path.lexists(final):
         raise FixError("appeared after the plan was made; nothing more was changed", path=final,
                        hint="run `llava-doctor fix` again")
-    tmp = _tmp_path(final)
-    os.symlink(target, tmp)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(final.parent)
-    writes.after()
+    with _staged(final, writes) as tmp:
+        os.symlink(target, tmp)
 
 
 def _remove(path: Path, *, writes: _Writes) -> None:
