@@ -273,8 +273,13 @@ def backups_dir(lora_dir: Path) -> Path:
 def dir_lock(lora_dir: Path) -> Iterator[None]:
     """One fix/undo at a time per LoRA dir (advisory lock on `.llava-doctor/lock`)."""
     sd = state_dir(lora_dir)
-    sd.mkdir(exist_ok=True)
-    fd = os.open(sd / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        sd.mkdir(exist_ok=True)
+        fd = os.open(sd / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise FixError(f"cannot write in this directory ({e.strerror}); nothing was changed",
+                       path=lora_dir, hint="make it writable, or copy the run and fix the copy"
+                       ) from None
     try:
         try:
             import fcntl
@@ -347,6 +352,25 @@ def apply_plan(plan: FixPlan, *, observer: Observer | None = None) -> ApplyResul
         check_not_protected(Path(fc.path), protected)
         _check_target(fc, lora)
         _check_unchanged(fc)
+    try:
+        return _apply_locked(plan, lora, say)
+    except OSError as e:
+        # Disk full, a file we may not replace, ...: put back what was already written (the
+        # manifest says 'applying'), then report one line. A kill cannot get here; the next
+        # run's recovery handles that case the same way.
+        where = e.filename or lora
+        try:
+            rolled = recover(lora).rolled_back
+        except (OSError, FixError):
+            rolled = ()
+        done = ("the files written so far were restored from the backup" if rolled
+                else "nothing was changed")
+        raise FixError(f"could not write {where} ({e.strerror}); {done}", path=lora,
+                       hint="free space or fix permissions, then run `llava-doctor fix` again"
+                       ) from None
+
+
+def _apply_locked(plan: FixPlan, lora: Path, say: Callable[[str], None]) -> ApplyResult:
     writes = _Writes()
     with dir_lock(lora):
         backup = _new_backup_dir(lora)
