@@ -53,8 +53,8 @@ def render_text(report: Report, *, color: bool = False, verbose: bool = False,
             for ln in textwrap.wrap(f.message, width - 6):
                 lines.append(f"      {ln}")
             if f.fix.value != "none":
-                lines.append(f"      fix: {f.fix.value} — run `llava-doctor fix`"
-                             + (" --unsafe" if f.fix.value == "unsafe" else ""))
+                cmd = "llava-doctor fix --unsafe" if f.fix.value == "unsafe" else "llava-doctor fix"
+                lines.append(f"      fix ({f.fix.value}): `{cmd}`")
         by = {s: 0 for s in CheckStatus}
         for o in target.checks:
             by[o.status] += 1
