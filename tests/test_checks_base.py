@@ -9,38 +9,23 @@ from typing import Any
 
 import pytest
 import torch
+from check_helpers import edit_json, found, one
 from safetensors.torch import load_file, save_file
 
 from llava_doctor.checks.base_model import generation_problems
 from llava_doctor.checks.context import Options
 from llava_doctor.doctor import run_checks
 from llava_doctor.fixtures import TINY, Dims, add_checkpoint, build_base, build_lora
-from llava_doctor.models import CheckStatus, Finding, FixSafety, Severity
+from llava_doctor.models import CheckStatus, FixSafety, Severity
 
 NARROW = Dims(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=4, vocab=128, mm_hidden=32)
 DEEP = Dims(hidden=64, intermediate=128, layers=3, heads=4, kv_heads=4, vocab=128, mm_hidden=32)
 
 
-def found(path: Path, code: str, **opts: Any) -> list[Finding]:
-    rep = run_checks([path], Options(**opts), select=[code])
-    assert not [f for f in rep.findings if f.code == "LD000"], rep.findings
-    return [f for f in rep.findings if f.code == code]
 
 
-def one(path: Path, code: str, **opts: Any) -> Finding:
-    fs = found(path, code, **opts)
-    assert len(fs) == 1, fs
-    return fs[0]
 
 
-def edit_json(path: Path, **changes: Any) -> None:
-    data = json.loads(path.read_text())
-    for k, v in changes.items():
-        if v is None:
-            data.pop(k, None)
-        else:
-            data[k] = v
-    path.write_text(json.dumps(data, indent=2))
 
 
 @pytest.fixture(scope="module")

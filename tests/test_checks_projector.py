@@ -7,12 +7,12 @@ stage-1 `*-pretrain/` sibling where the recipe has one.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from check_helpers import edit_json, found, one
 
 from llava_doctor.artifacts.llava import (
     LlavaParams,
@@ -25,7 +25,7 @@ from llava_doctor.checks.context import Options
 from llava_doctor.doctor import run_checks
 from llava_doctor.fixtures import TINY, Dims, build_base, build_lora, build_pretrain
 from llava_doctor.fixtures.scenarios import write_malicious_bin
-from llava_doctor.models import CheckStatus, Finding, FixSafety, Severity
+from llava_doctor.models import CheckStatus, FixSafety, Severity
 
 NL = "non_lora_trainables.bin"
 CANON = "base_model.model.model.mm_projector."
@@ -33,10 +33,6 @@ CANON = "base_model.model.model.mm_projector."
 NARROW = Dims(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=4, vocab=128, mm_hidden=32)
 
 
-def found(path: Path, code: str, **opts: Any) -> list[Finding]:
-    rep = run_checks([path], Options(**opts), select=[code])
-    assert not [f for f in rep.findings if f.code == "LD000"], rep.findings
-    return [f for f in rep.findings if f.code == code]
 
 
 def status(path: Path, code: str, **opts: Any) -> tuple[CheckStatus, str | None]:
@@ -45,20 +41,8 @@ def status(path: Path, code: str, **opts: Any) -> tuple[CheckStatus, str | None]
     return out.status, out.reason
 
 
-def one(path: Path, code: str, **opts: Any) -> Finding:
-    fs = found(path, code, **opts)
-    assert len(fs) == 1, fs
-    return fs[0]
 
 
-def edit_json(path: Path, **changes: Any) -> None:
-    data = json.loads(path.read_text())
-    for k, v in changes.items():
-        if v is None:
-            data.pop(k, None)
-        else:
-            data[k] = v
-    path.write_text(json.dumps(data, indent=2))
 
 
 def save_non_lora(run: Path, tensors: dict[str, torch.Tensor]) -> None:
