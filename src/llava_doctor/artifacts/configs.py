@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -140,34 +140,31 @@ class GenerationConfig(_View):
     num_beams: int | None = None
 
 
-def load_model_config(path: Path | str) -> ModelConfig:
+_V = TypeVar("_V", bound=_View)
+
+
+def _load_view(cls: type[_V], path: Path | str, hint: str | None) -> _V:
+    """Parse a JSON config into its typed view; a field of the wrong type is LD501, like bad
+    JSON, rather than a crash of every check that reads the config."""
     data = read_json(path)
     try:
-        return ModelConfig.model_validate(data)
-    except Exception as e:  # pydantic ValidationError: a field of the wrong type
+        return cls.model_validate(data)
+    except Exception as e:  # pydantic ValidationError
         raise FileCorruptError(f"has a field of the wrong type ({_first_error(e)})", path=path,
-                               rule="invalid-config",
-                               hint="restore config.json from the training output") from None
+                               rule="invalid-config", hint=hint) from None
+
+
+def load_model_config(path: Path | str) -> ModelConfig:
+    return _load_view(ModelConfig, path, "restore config.json from the training output")
 
 
 def load_adapter_config(path: Path | str) -> AdapterConfig:
-    data = read_json(path)
-    try:
-        return AdapterConfig.model_validate(data)
-    except Exception as e:  # pydantic ValidationError: a field of the wrong type
-        raise FileCorruptError(f"has a field of the wrong type ({_first_error(e)})", path=path,
-                               rule="invalid-config",
-                               hint="restore adapter_config.json from the training output"
-                               ) from None
+    return _load_view(AdapterConfig, path,
+                      "restore adapter_config.json from the training output")
 
 
 def load_generation_config(path: Path | str) -> GenerationConfig:
-    data = read_json(path)
-    try:
-        return GenerationConfig.model_validate(data)
-    except Exception as e:  # pydantic ValidationError: a field of the wrong type
-        raise FileCorruptError(f"has a field of the wrong type ({_first_error(e)})", path=path,
-                               rule="invalid-config") from None
+    return _load_view(GenerationConfig, path, None)
 
 
 def _first_error(e: Exception) -> str:
