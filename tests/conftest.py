@@ -13,3 +13,4 @@ def scenarios(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from llava_doctor.fixtures import build_all
 
     return build_all(tmp_path_factory.mktemp("scenarios"))
+

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import resource
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from support import unprivileged_prefix
 
 from llava_doctor.fixtures import TINY, build_base, build_lora
 
@@ -38,14 +38,7 @@ def fix(cwd: Path, prefix: list[str] = (), preexec=None) -> subprocess.Completed
 
 
 def test_read_only_lora_dir(run: Path) -> None:
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("running as root without setpriv: permission bits would not bind")
-        prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
-        for p in [run, *run.parents]:
-            p.chmod(p.stat().st_mode | 0o005)
+    prefix = unprivileged_prefix(run)
     before = files(run / NAME)
     subprocess.run(["chmod", "-R", "a-w,a+rX", str(run)], check=True)
     try:

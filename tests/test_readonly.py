@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import unprivileged_prefix
 
 COMMANDS = [
     ["check", "{lora}", "--base", "{base}"],
@@ -60,15 +61,7 @@ def test_commands_change_nothing(tree: dict[str, Path]) -> None:
 
 
 def test_commands_work_on_a_read_only_copy(tree: dict[str, Path]) -> None:
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("running as root without setpriv: permission bits would not bind")
-        prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
-        # the unprivileged user must be able to reach the files and the interpreter
-        for p in [tree["root"], *tree["root"].parents]:
-            p.chmod(p.stat().st_mode | 0o005)
+    prefix = unprivileged_prefix(tree["root"])
     subprocess.run(["chmod", "-R", "a-w,a+rX", str(tree["root"])], check=True)
     before = snapshot(tree["root"])
     try:
