@@ -9,16 +9,28 @@ import pytest
 
 def unprivileged_prefix(root: Path) -> list[str]:
     """A command prefix that runs a child as an unprivileged user when the tests run as root
-    (root ignores permission bits), after making `root`'s parents reachable for that user.
-    Skips the test where that cannot be done."""
+    (root ignores permission bits). Makes `root`, the interpreter and the package reachable for
+    that user (read and traverse bits only), and skips the test where that cannot be done."""
     import os
     import shutil
+    import subprocess
+    import sys
+
+    import llava_doctor
 
     if os.geteuid() != 0:
         return []
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         pytest.skip("running as root without setpriv: permission bits would not bind")
-    for p in [root, *root.parents]:
-        p.chmod(p.stat().st_mode | 0o005)
-    return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    package = Path(llava_doctor.__file__).resolve().parent
+    for start in (root, package, Path(sys.prefix).resolve()):
+        for p in [start, *start.parents]:
+            p.chmod(p.stat().st_mode | 0o005)
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import llava_doctor"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"the unprivileged user cannot import llava_doctor here: "
+                    f"{probe.stderr.strip()[-200:]}")
+    return prefix
