@@ -219,8 +219,29 @@ def test_ld201_negatives(art: dict[str, Path]) -> None:
     assert run(art["lora"], "LD201", peft_version="0.10.0").findings == []
     assert run(art["rslora"], "LD201", peft_version="0.10.0").findings == []
     assert run(art["patterns"], "LD201", peft_version="0.21.2").findings == []
-    rep = run(art["lora"], "LD201")
-    assert status(rep, "LD201") == ("skipped", "no peft version given and peft not installed")
+
+
+def test_ld201_without_a_target_peft_names_the_oldest_peft_that_reads_the_file(
+        art: dict[str, Path], scenarios: dict[str, Path], tmp_path: Path) -> None:
+    # No peft installed and no --peft-version: the merge runs elsewhere, so say what it needs.
+    f = only(run(art["lora"], "LD201"), "LD201")
+    assert (f.code, Path(f.path)) == ("LD201", art["lora"] / ACFG)
+    assert f.severity == Severity.info and f.fix == FixSafety.none
+    # written by peft 0.10: layer_replication is its newest field
+    assert f.evidence["needs_peft"] == "0.10.0"
+    assert f.message == (
+        f"{art['lora'] / ACFG} needs peft >= 0.10.0 (its newest field, layer_replication, first "
+        "appeared there). No peft is installed here and no --peft-version was given: pass "
+        "--peft-version to check against the merge environment's peft")
+    g = only(run(scenarios["lora-dora-rslora"], "LD201"), "LD201")
+    # written by peft 0.21.2 itself: the issue's own example
+    assert g.severity == Severity.info and g.evidence["needs_peft"] == "0.21.0"
+    assert "needs peft >= 0.21.0" in g.message
+    d = copy(art["lora"], tmp_path / "llava-v1.5-tiny-lora")
+    edit_json(d / ACFG, my_fork_option=3)
+    h = only(run(d, "LD201"), "LD201")
+    assert h.evidence["unrecognised"] == ["my_fork_option"]
+    assert "my_fork_option is unknown to every peft release up to" in h.message
 
 
 def test_exact_plain_alpha() -> None:

@@ -288,7 +288,8 @@ def adapter_config_version(ctx: Context) -> Iterable[Hit]:
     """
     version = ctx.options.peft_version
     if version is None:
-        raise Skip("no peft version given and peft not installed")
+        yield from _needed_peft(ctx)
+        return
     try:
         peft_versions.parse_version(version)
     except ValueError:
@@ -342,6 +343,31 @@ def adapter_config_version(ctx: Context) -> Iterable[Hit]:
     yield Hit(f"{path} has fields peft {version} does not know ({listing}); {consequence}. "
               f"{what}, so dropping them is exact: `llava-doctor fix` removes them (safe), or "
               f"{upgrade}", path=path, evidence=evidence, fix=FixSafety.safe)
+
+
+def _needed_peft(ctx: Context) -> Iterable[Hit]:
+    """Without a target peft (none installed, no --peft-version), name the oldest peft that knows
+    every field of the file: the merge usually runs in another environment, so say what it needs."""
+    raw = ctx.adapter_config_raw
+    if raw is None:
+        raise Skip("no readable adapter_config.json")
+    since = {k: peft_versions.first_version_of(k) for k in raw}
+    known = {k: v for k, v in since.items() if v is not None}
+    alien = sorted(k for k, v in since.items() if v is None)
+    newest_key = max(known, key=lambda k: peft_versions.parse_version(known[k]), default=None)
+    if newest_key is None and not alien:
+        return
+    path = ctx.file("adapter_config.json")
+    needs = (f"needs peft >= {known[newest_key]} (its newest field, {newest_key}, first appeared "
+             f"there)" if newest_key is not None else "has no field any peft release knows")
+    extra = (f"; {', '.join(alien)} is unknown to every peft release up to "
+             f"{peft_versions.LATEST_KNOWN}" if alien else "")
+    yield Hit(f"{path} {needs}{extra}. No peft is installed here and no --peft-version was given: "
+              "pass --peft-version to check against the merge environment's peft",
+              path=path, severity=Severity.info, fix=FixSafety.none,
+              evidence={"target_peft": None,
+                        "needs_peft": known[newest_key] if newest_key is not None else None,
+                        "first_version": since, "unrecognised": alien})
 
 
 def _json(value: Any) -> str:
