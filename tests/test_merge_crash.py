@@ -207,3 +207,22 @@ def test_sigterm_unwinds_cleanly(run: dict[str, Path]) -> None:
         assert proc.returncode == 0 and leftovers(out) == []  # finished first: complete
         assert_complete(out)
     pytest.fail("the merge finished before SIGTERM three times in a row")
+
+
+def test_interrupt_just_after_the_work_dir_is_created_removes_it(
+        run: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C/SIGTERM can land while pathlib's mkdir is still returning: the empty work dir it
+    just made must not outlive the run (seen as an empty OUT.partial-<pid> after SIGTERM)."""
+    out = run["root"] / "llava-v1.5-tiny-interrupted-mkdir"
+    real_mkdir = Path.mkdir
+
+    def mkdir_then_interrupt(self: Path, *args: object, **kwargs: object) -> None:
+        real_mkdir(self, *args, **kwargs)  # type: ignore[arg-type]
+        if ".partial-" in self.name:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        merge(run["lora"], run["base"], out, device="cpu", durable=False)
+    monkeypatch.undo()
+    assert not out.exists() and leftovers(out) == []

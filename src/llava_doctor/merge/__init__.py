@@ -315,12 +315,14 @@ def merge(lora_dir: Path | str, base: Path | str | None, out: Path | str, *,
     _check_space(out.parent, plan)
     if partial.exists():
         shutil.rmtree(partial)
+    # The mkdir sits inside the cleanup's try: a SIGTERM/Ctrl-C that lands just after the
+    # directory was created (still inside pathlib's mkdir) must remove it too.
     try:
-        partial.mkdir()
-    except OSError as e:
-        raise MergeError(f"cannot create the work directory ({e.strerror})", path=partial,
-                         hint="check that the parent of --out is writable") from None
-    try:
+        try:
+            partial.mkdir()
+        except OSError as e:
+            raise MergeError(f"cannot create the work directory ({e.strerror})", path=partial,
+                             hint="check that the parent of --out is writable") from None
         executor = Executor(plan, partial, dev, observer=observer, durable=durable,
                             read_back=verify)
         hashes = executor.run()
