@@ -8,4 +8,5 @@ from llava_doctor.checks import (  # noqa: F401
     layout,
     preflight,
     projector,
+    to_hf,
 )

@@ -41,6 +41,8 @@ class Options:
     fast: bool = False        # headers only: no tensor values read
     scan_base: bool = False   # also read base tensor values
     out: Path | None = None   # merge target, for the preflight checks
+    to: str | None = None     # "llava-hf": also check what a conversion would need (LD8xx)
+    vision_tower: Path | None = None  # the CLIP dir for --to llava-hf
 
 
 @dataclass
@@ -195,6 +197,13 @@ class Context:
             return None
         p = self.base_path / "generation_config.json"
         return self._read(p, configs.load_generation_config) if p.is_file() else None
+
+    @cached_property
+    def to_hf_problems(self) -> list[Any]:
+        """What cannot map onto llava-hf (`artifacts.hf_convert.Problem`s), computed once."""
+        from llava_doctor.checks.to_hf import problems_for
+
+        return problems_for(self)
 
     # --- the stage-1 projector ---------------------------------------------------------------
     @cached_property

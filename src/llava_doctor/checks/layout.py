@@ -273,6 +273,8 @@ def not_a_lora_dir(ctx: Context) -> Iterable[Hit]:
     kind = ctx.kind
     if kind in (DirKind.lora, DirKind.checkpoint, DirKind.lora_partial):
         return
+    if kind == DirKind.model and ctx.options.to == "llava-hf":
+        return  # a full LLaVA checkpoint is what `convert` takes
     why = {
         DirKind.pretrain: f"a stage-1 pretrain output ({PROJECTOR}): it is the input to "
                           "fine-tuning via --pretrain_mm_mlp_adapter, or the --projector of a "

@@ -19,6 +19,7 @@ import re
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,10 +257,15 @@ def merge(lora_dir: Path | str, base: Path | str | None, out: Path | str, *,
           projector: Path | str | None = None, device: str = "auto", dtype: str = "float16",
           max_shard_size: int | float | str = 5e9, force: bool = False, overwrite: bool = False,
           verify: bool = True, observer: Observer | None = None, durable: bool = True,
-          ) -> MergeResult:
+          to: str = "llava", vision_tower: Path | str | None = None,
+          conv_template: str | None = None) -> MergeResult:
     """Merge a LLaVA LoRA run into ``out`` (see the module doc). Raises a DoctorError subclass
     (PreflightRefused, MergeError, UsageError, FileCorruptError, ...) on any failure, after which
     ``out`` is untouched.
+
+    ``to`` "llava-hf" writes the canonical llava-hf checkpoint instead (`merge.convert`): the
+    LD8xx checks run too and are never forced; ``vision_tower`` and ``conv_template`` as in
+    `convert`.
 
     ``base`` None means the base recorded in adapter_config.json (local dir or HF cache).
     ``dtype`` "auto" keeps each base tensor's dtype. ``durable`` fsyncs every file before the
@@ -274,6 +280,13 @@ def merge(lora_dir: Path | str, base: Path | str | None, out: Path | str, *,
     if dtype not in DTYPES:
         raise UsageError(f"unknown --dtype '{dtype}'", hint=f"choose one of: {', '.join(DTYPES)}")
     shard_limit = parse_size(max_shard_size)
+    if to not in ("llava", "llava-hf"):
+        raise UsageError(f"unknown --to '{to}'", hint="choose llava or llava-hf")
+    vt = Path(vision_tower) if vision_tower is not None else None
+    if conv_template is not None:
+        from llava_doctor.merge.hf_files import chat_template
+
+        chat_template(conv_template)  # a usage error before any work
     # First, so that an OUT a killed --overwrite run had moved aside is back before we look.
     cleanup_stale(out)
     _check_paths(lora_dir, base_p, out, overwrite)
@@ -286,7 +299,13 @@ def merge(lora_dir: Path | str, base: Path | str | None, out: Path | str, *,
     from llava_doctor.checks.context import Options
     from llava_doctor.doctor import run_checks
 
-    report = run_checks([lora_dir], Options(base=base_p, projector=proj_p, out=out, fast=True))
+    report = run_checks([lora_dir], Options(base=base_p, projector=proj_p, out=out, fast=True,
+                                            to="llava-hf" if to == "llava-hf" else None,
+                                            vision_tower=vt))
+    if to == "llava-hf":
+        from llava_doctor.merge.convert import refuse_on_hf_errors
+
+        refuse_on_hf_errors(report)
     errors = [f for f in report.findings if f.severity == Severity.error]
 
     emit(phase="plan")
@@ -305,10 +324,54 @@ def merge(lora_dir: Path | str, base: Path | str | None, out: Path | str, *,
         raise PreflightRefused(report, blocking)
     warnings = tuple(f for f in report.findings if f.severity != Severity.info
                      or f.code.startswith("LD6"))
+    hf = None
+    if to == "llava-hf":
+        from llava_doctor.merge.convert import prepare_hf
+
+        hf = prepare_hf(inputs.lora_config or {}, {t.name: t.shape for t in plan.tensors},
+                        tok_dir=inputs.base_path, gen_dir=inputs.base_path, vision_tower=vt,
+                        relative_to=lora_dir, conv_template=conv_template, durable=durable)
+        plan = hf.plan(plan, shard_limit)
     notes = list(plan.notes)
     notes += [f"{f.code} {f.name}: an error for LLaVA's own merge, handled here ("
               + _HANDLED[f.code] + ")" for f in handled]
-    notes += out_name_warnings(out, llm_family(inputs.lora_config, inputs.base_config))
+
+    if hf is None:
+        notes += out_name_warnings(out, llm_family(inputs.lora_config, inputs.base_config))
+
+    def side(plan: MergePlan, partial: Path, notes: list[str]) -> dict[str, str]:
+        if hf is not None:
+            return hf.side_files(plan, partial, notes)
+        return _write_side_files(plan, inputs, partial, durable, notes)
+
+    files, checked = write_verified(plan, out, dev, side, notes, observer=observer,
+                                    durable=durable, verify=verify)
+    result = MergeResult(
+        out=out, files=files, shards=len(plan.shards), tensors=len(plan.tensors),
+        tensors_merged=sum(1 for t in plan.tensors if t.lora is not None or t.lora_bias),
+        lora_modules=plan.lora_modules, replaced=len(plan.replaced),
+        projector_source=plan.projector_source,
+        dtype=dtype if dtype != "auto" else _auto_dtype_name(plan), device=dev,
+        total_size=plan.total_size, seconds=time.monotonic() - t0, peak_rss_bytes=_peak_rss(),
+        verified=checked, notes=tuple(notes), warnings=warnings)
+    emit(phase="done", done=result.tensors, total=result.tensors)
+    return result
+
+
+SideFiles = Callable[[MergePlan, Path, list[str]], dict[str, str]]
+
+
+def write_verified(plan: MergePlan, out: Path, dev: str, side_files: SideFiles, notes: list[str],
+                   *, observer: Observer | None = None, durable: bool = True, verify: bool = True,
+                   ) -> tuple[dict[str, str], Verification | None]:
+    """Stream ``plan`` into ``OUT.partial-<pid>``, add ``side_files(plan, partial, notes)``,
+    verify, and rename it to ``out``; the partial dir is removed on any failure.
+
+    Returns {file name: sha256} and what verification looked at.
+    """
+    def emit(**kw: Any) -> None:
+        if observer is not None:
+            observer(MergeEvent(**kw))
 
     partial = out.parent / f"{out.name}.partial-{os.getpid()}"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -328,7 +391,7 @@ def merge(lora_dir: Path | str, base: Path | str | None, out: Path | str, *,
         hashes = executor.run()
         emit(phase="finalize")
         files = dict(hashes)
-        files.update(_write_side_files(plan, inputs, partial, durable, notes))
+        files.update(side_files(plan, partial, notes))
         checked: Verification | None = None
         if verify:
             emit(phase="verify", total=len(plan.shards))
@@ -339,16 +402,7 @@ def merge(lora_dir: Path | str, base: Path | str | None, out: Path | str, *,
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    result = MergeResult(
-        out=out, files=files, shards=len(plan.shards), tensors=len(plan.tensors),
-        tensors_merged=sum(1 for t in plan.tensors if t.lora is not None or t.lora_bias),
-        lora_modules=plan.lora_modules, replaced=len(plan.replaced),
-        projector_source=plan.projector_source,
-        dtype=dtype if dtype != "auto" else _auto_dtype_name(plan), device=dev,
-        total_size=plan.total_size, seconds=time.monotonic() - t0, peak_rss_bytes=_peak_rss(),
-        verified=checked, notes=tuple(notes), warnings=warnings)
-    emit(phase="done", done=result.tensors, total=result.tensors)
-    return result
+    return files, checked
 
 
 def _verify(plan: MergePlan, out: Path, hashes: dict[str, str], reread: dict[str, str] | None,

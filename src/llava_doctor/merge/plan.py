@@ -76,7 +76,7 @@ class Source:
     file: Path
     key: str
     info: TensorInfo
-    origin: str  # "base" | "non_lora" | "projector" | "adapter"
+    origin: str  # "base" | "non_lora" | "projector" | "adapter" | "vision_tower"
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,9 @@ class PlannedTensor:
     bias_scaling: float = 0.0
     begin: int = 0                   # data offsets inside the shard's data region
     end: int = 0
+    # Rows appended after the source's, each the mean of the source rows (computed in float64,
+    # rounded once): the llava-hf conversion's new <image>/<pad> embedding and lm_head rows.
+    pad_rows: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -100,7 +103,7 @@ class PlannedTensor:
     @property
     def needs_compute(self) -> bool:
         """Anything but a byte-for-byte copy (LoRA, a bias delta or a dtype change)."""
-        return (self.lora is not None or self.lora_bias is not None
+        return (self.lora is not None or self.lora_bias is not None or self.pad_rows > 0
                 or self.dtype != self.source.info.dtype)
 
 

@@ -366,6 +366,9 @@ class Executor:
 
         if t.nbytes == 0:
             return  # an empty tensor has a header entry and no bytes
+        if t.pad_rows:
+            self._padded(t, shard, sw, sources, writer, pool)
+            return
         info = t.source.info
         src = sources.get(t.source.file, t.source.origin)
         adapter = sources.get(self.plan.adapter_path, "adapter")
@@ -424,6 +427,43 @@ class Executor:
                 out_view.copy_(w)  # the one rounding to the output dtype
                 if not finite:
                     raise self._overflow(t)
+            writer.put(("block", sw, base_offset + start * out_row, out_buf, n_out))
+
+    def _padded(self, t: PlannedTensor, shard: PlannedShard, sw: ShardWriter,
+                sources: SourcePool, writer: _Stage, pool: _Pool) -> None:
+        """The source's rows in the output dtype, then ``t.pad_rows`` rows of their mean.
+
+        Two passes over the source in row blocks (the mean first); no LoRA (the planner refuses
+        LoRA on a padded tensor).
+        """
+
+        from llava_doctor.merge.padding import mean_row
+
+        src = sources.get(t.source.file, t.source.origin)
+        key = t.source.key
+        out_dt = torch_dtype(t.dtype)
+        in_rows = t.source.info.shape[0]
+        out_row = t.nbytes // t.shape[0]
+        step = max(1, BLOCK_ELEMS // max(1, prod(t.shape[1:])))
+        mean = mean_row(src, key, step).to(out_dt)
+        if self.check_finite and out_dt.is_floating_point and not self._in_range(mean, out_dt):
+            raise self._overflow(t)
+        base_offset = len(shard.header) + t.begin
+        for start in range(0, t.shape[0], step):
+            stop = min(t.shape[0], start + step)
+            n_out = (stop - start) * out_row
+            out_buf = pool.take(n_out)
+            out_view = out_buf[:n_out].view(out_dt).view((stop - start, *t.shape[1:]))
+            if start < in_rows:
+                own = min(stop, in_rows)
+                x = src.rows(key, start, own)
+                if (self.check_finite and x.is_floating_point() and out_dt.is_floating_point
+                        and not self._in_range(x, out_dt)):
+                    raise self._overflow(t)
+                out_view[:own - start].copy_(x)
+                out_view[own - start:].copy_(mean)
+            else:
+                out_view.copy_(mean)
             writer.put(("block", sw, base_offset + start * out_row, out_buf, n_out))
 
     def _overflow(self, t: PlannedTensor) -> MergeError:

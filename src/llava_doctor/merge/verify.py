@@ -101,6 +101,7 @@ def sample_tensors(plan: MergePlan, count: int = 3) -> list[PlannedTensor]:
     for pred in (lambda t: t.lora is not None and t.lora.dora,
                  lambda t: t.lora is not None and t.lora.kind == "embedding",
                  lambda t: t.lora_bias is not None,
+                 lambda t: t.pad_rows > 0,
                  lambda t: t.source.origin != "base",
                  lambda t: t.source.origin == "base" and t.lora is None):
         if any(pred(t) for t in picked):
@@ -115,8 +116,17 @@ def expected_value(plan: MergePlan, t: PlannedTensor, start: int | None = None,
                    stop: int | None = None) -> torch.Tensor:
     """The output tensor (or its rows ``[start, stop)``) recomputed from the inputs with peft's
     formula (`lora_math.reference_merge`), in the output dtype, on the CPU."""
+    import torch
 
     rows = start is not None and stop is not None
+    if t.pad_rows:
+        # The source's rows, then their mean (float64, whole tensor) for each appended row.
+        with TensorSource(plan.files[t.source.file]) as src:
+            value = src.tensor(t.source.key)
+        mean = value.double().mean(dim=0, keepdim=True)
+        full = torch.cat([value.to(torch_dtype(t.dtype)),
+                          mean.expand(t.pad_rows, *value.shape[1:]).to(torch_dtype(t.dtype))])
+        return full[start:stop] if rows else full
     with TensorSource(plan.files[t.source.file]) as src:
         value = src.rows(t.source.key, start, stop) if rows else src.tensor(t.source.key)  # type: ignore[arg-type]
     if t.lora is not None or t.lora_bias is not None:
