@@ -128,6 +128,12 @@ def check(
     isolated: IsolatedOpt = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="List skipped checks.")
                        ] = False,
+    to: Annotated[str | None, typer.Option("--to", help="llava-hf: also check that the run "
+                                           "or checkpoint maps onto llava-hf (LD8xx).")
+                  ] = None,
+    vision_tower: Annotated[Path | None, typer.Option(
+        "--vision-tower", metavar="CLIP_DIR", help="With --to llava-hf: the CLIP checkpoint "
+                                                   "(default: mm_vision_tower).")] = None,
 ) -> None:
     """Diagnose LoRA runs before the merge. Exit 0 clean, 1 findings, 2 usage error."""
     from llava_doctor.checks.context import Options
@@ -140,6 +146,8 @@ def check(
         if strict and fail_on not in (None, Severity.warning):
             raise UsageError(f"--strict means --fail-on warning, but --fail-on {fail_on.value} "
                              "was given", hint="give one of them")
+        if to not in (None, "llava", "llava-hf"):
+            raise UsageError(f"unknown --to '{to}'", hint="choose llava or llava-hf")
         threshold = Severity.warning if strict else (fail_on or Severity.error)
         cfg = Config() if isolated else (load_config(config) if config else discover())
         if verbose and cfg.path is not None:
@@ -153,7 +161,8 @@ def check(
                              hint="pass the repository root the report paths are relative to")
         opts = Options(base=base or cfg.base, projector=projector or cfg.projector,
                        peft_version=peft_version or cfg.peft_version or _installed_peft(),
-                       fast=fast, scan_base=scan_base, out=out)
+                       fast=fast, scan_base=scan_base, out=out,
+                       to=to if to == "llava-hf" else None, vision_tower=vision_tower)
         progress = (lambda p: _stderr(f"llava-doctor: checking {p}")) if verbose else None
         report = run_checks(targets, opts, select=sel, ignore=ign,
                             jobs=jobs or (os.cpu_count() or 1), on_target=progress)

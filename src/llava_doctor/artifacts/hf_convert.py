@@ -111,8 +111,7 @@ def resolve_tower(given: Path | None, mm_vision_tower: object, relative_to: Path
             return TowerResolution(given, "--vision-tower")
         return TowerResolution(None, "none", f"--vision-tower {given} is not a directory")
     if not isinstance(mm_vision_tower, str) or not mm_vision_tower:
-        return TowerResolution(None, "none", "config.json names no mm_vision_tower; "
-                               + TOWER_WAYS.format(id="<the CLIP model id>"))
+        return TowerResolution(None, "none", "config.json names no mm_vision_tower")
     p = Path(mm_vision_tower).expanduser()
     if not p.is_absolute() and (relative_to / p).is_dir():
         p = relative_to / p
@@ -125,8 +124,7 @@ def resolve_tower(given: Path | None, mm_vision_tower: object, relative_to: Path
         return TowerResolution(cached, "hf-cache",
                                f"{mm_vision_tower} from the local Hugging Face cache")
     return TowerResolution(None, "none", f"mm_vision_tower '{mm_vision_tower}' is neither a "
-                           "local directory nor in the local Hugging Face cache; "
-                           + TOWER_WAYS.format(id=mm_vision_tower))
+                           "local directory nor in the local Hugging Face cache")
 
 
 def read_tower(path: Path) -> Tower:

@@ -9,7 +9,7 @@ progress through an observer), prints the summary on stdout and picks the exit c
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -71,9 +71,21 @@ class _ProgressBar:
         self.progress.update(self.task, **kw)
 
 
-def render_summary(r: "MergeResult", lora_dir: Path) -> str:
+# Options shared with `convert` (llava-hf output).
+VisionTowerOpt = Annotated[Optional[Path], typer.Option(
+    "--vision-tower", metavar="CLIP_DIR",
+    help="llava-hf output: the CLIP checkpoint the vision tower comes from (default: "
+         "config.json's mm_vision_tower as a local dir, else in the local Hugging Face "
+         "cache).")]
+ConvTemplateOpt = Annotated[Optional[str], typer.Option(
+    "--conv-template", metavar="T",
+    help="llava-hf output: LLaVA conversation template for the chat template (vicuna_v1, "
+         "mistral_instruct, chatml_direct; default from the language model family).")]
+
+
+def render_summary(r: "MergeResult", lora_dir: Path, verb: str = "merged") -> str:
     """The final summary printed on stdout."""
-    lines = [f"merged {lora_dir} -> {r.out}"]
+    lines = [f"{verb} {lora_dir} -> {r.out}"]
     lines.append(f"  tensors    {r.tensors} written in {r.shards} shard(s), {_human(r.total_size)} "
                  f"{r.dtype}; {r.tensors_merged} received a LoRA delta "
                  f"({r.lora_modules} LoRA modules applied)")
@@ -127,6 +139,11 @@ def register(app: typer.Typer) -> None:
         verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Re-read and check "
                                              "the output before installing it.")] = True,
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+        to: Annotated[str, typer.Option("--to", help="llava (LLaVA's own layout) | llava-hf "
+                                        "(transformers' Llava/LlavaNext, vLLM, SGLang).")
+                      ] = "llava",
+        vision_tower: VisionTowerOpt = None,
+        conv_template: ConvTemplateOpt = None,
     ) -> None:
         """Merge a LLaVA LoRA into its base: streaming, exact (peft's maths), verified.
 
@@ -148,11 +165,13 @@ def register(app: typer.Typer) -> None:
                 with bar:
                     result = merge(lora_dir, base, out, projector=projector, device=device,
                                    dtype=dtype, max_shard_size=max_shard_size, force=force,
-                                   overwrite=overwrite, verify=verify, observer=bar)
+                                   overwrite=overwrite, verify=verify, observer=bar, to=to,
+                                   vision_tower=vision_tower, conv_template=conv_template)
             else:
                 result = merge(lora_dir, base, out, projector=projector, device=device,
                                dtype=dtype, max_shard_size=max_shard_size, force=force,
-                               overwrite=overwrite, verify=verify)
+                               overwrite=overwrite, verify=verify, to=to,
+                               vision_tower=vision_tower, conv_template=conv_template)
         except PreflightRefused as e:
             sys.stdout.write(RENDERERS["text"](e.report, color=_color()))
             raise _fail(e) from None

@@ -36,32 +36,40 @@ _VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence
                   "The assistant gives helpful, detailed, and polite answers to the human's "
                   "questions.")
 # Message content is a string or a list of {"type": "image"} / {"type": "text", "text": ...}
-# parts, as llava-hf processors' apply_chat_template passes it; the image goes first, followed
-# by a newline, as LLaVA's own prompts put it.
+# parts, as llava-hf processors' apply_chat_template passes it; images go first, each followed
+# by a newline, as LLaVA's own prompts put them. Literal text is emitted as {{ '...' }} so the
+# whitespace-trimming tags cannot eat its spaces and newlines.
 _CONTENT = ("{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}"
-            "{%- for part in message['content'] if part['type'] == 'image' -%}<image>\n"
-            "{%- endfor -%}{%- for part in message['content'] if part['type'] == 'text' -%}"
+            "{%- for part in message['content'] if part['type'] == 'image' -%}"
+            "{{ '<image>\\n' }}{%- endfor -%}"
+            "{%- for part in message['content'] if part['type'] == 'text' -%}"
             "{{ part['text'] }}{%- endfor -%}{%- endif -%}")
 CHAT_TEMPLATES: dict[str, str] = {
-    # LLaVA's conv_vicuna_v1 ("v1", "llava_v1"): "SYSTEM USER: ... ASSISTANT: ...</s>"
+    # LLaVA's conv_vicuna_v1 (sep_style TWO, seps " " and "</s>"):
+    # "SYSTEM USER: <image>\nq ASSISTANT: a</s>USER: q2 ASSISTANT:"
     "vicuna_v1": (
-        "{%- set system = '" + _VICUNA_SYSTEM.replace("'", "\\'") + "' -%}"
-        "{%- for message in messages -%}"
-        "{%- if message['role'] == 'system' -%}{%- set system = message['content'] -%}"
-        "{%- endif -%}{%- endfor -%}{{ system }}"
+        "{%- set ns = namespace(system='" + _VICUNA_SYSTEM.replace("'", "\\'") + "') -%}"
+        "{%- for message in messages if message['role'] == 'system' -%}"
+        "{%- set ns.system = message['content'] -%}{%- endfor -%}{{ ns.system + ' ' }}"
         "{%- for message in messages if message['role'] != 'system' -%}"
-        "{%- if message['role'] == 'user' %} USER: " + _CONTENT + "{%- else %} ASSISTANT: "
-        + _CONTENT + "</s>{%- endif -%}{%- endfor -%}"
-        "{%- if add_generation_prompt %} ASSISTANT:{%- endif -%}"),
-    # LLaVA's conv_mistral_instruct: "[INST] ... [/INST]...</s>", no system prompt.
+        "{%- if message['role'] == 'user' -%}{{ 'USER: ' }}" + _CONTENT + "{{ ' ' }}"
+        "{%- else -%}{{ 'ASSISTANT: ' }}" + _CONTENT + "{{ '</s>' }}{%- endif -%}"
+        "{%- endfor -%}{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"),
+    # LLaVA's conv_mistral_instruct (sep_style LLAMA_2, no system prompt):
+    # "[INST] <image>\nq [/INST] a </s>[INST] q2 [/INST]"
     "mistral_instruct": (
         "{%- for message in messages if message['role'] != 'system' -%}"
-        "{%- if message['role'] == 'user' -%}[INST] " + _CONTENT + " [/INST]"
-        "{%- else -%}" + _CONTENT + "</s>{%- endif -%}{%- endfor -%}"),
-    # LLaVA's conv_chatml_direct (llava-v1.6-34b).
+        "{%- if message['role'] == 'user' -%}{{ '[INST] ' }}" + _CONTENT + "{{ ' [/INST]' }}"
+        "{%- else -%}{{ ' ' }}" + _CONTENT + "{{ ' </s>' }}{%- endif -%}{%- endfor -%}"),
+    # LLaVA's conv_chatml_direct (sep_style MPT, llava-v1.6-34b).
     "chatml_direct": (
-        "{%- for message in messages -%}<|im_start|>{{ message['role'] }}\n" + _CONTENT
-        + "<|im_end|>\n{%- endfor -%}{%- if add_generation_prompt -%}<|im_start|>assistant\n"
+        "{%- set ns = namespace(system='Answer the questions.') -%}"
+        "{%- for message in messages if message['role'] == 'system' -%}"
+        "{%- set ns.system = message['content'] -%}{%- endfor -%}"
+        "{{ '<|im_start|>system\\n' + ns.system + '<|im_end|>' }}"
+        "{%- for message in messages if message['role'] != 'system' -%}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' }}" + _CONTENT + "{{ '<|im_end|>' }}"
+        "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}"
         "{%- endif -%}"),
 }
 CHAT_TEMPLATES["v1"] = CHAT_TEMPLATES["llava_v1"] = CHAT_TEMPLATES["vicuna_v1"]
