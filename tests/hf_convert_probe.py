@@ -37,6 +37,11 @@ def original_state(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in state.items()}
 
 
+def state_dtype(path: Path) -> torch.dtype:
+    f = sorted(path.glob("*.safetensors"))[0]
+    return next(iter(load_file(str(f)).values())).dtype
+
+
 def reference_logits(orig: Path, clip: Path, pixels: torch.Tensor, before: list[int],
                      after: list[int]) -> tuple[torch.Tensor, int]:
     """LLaVA-1.5's forward pass on the original checkpoint, from its definition."""
@@ -54,7 +59,9 @@ def reference_logits(orig: Path, clip: Path, pixels: torch.Tensor, before: list[
     def norm(key: str) -> str:
         return prefix + key.removeprefix("vision_model.")
 
-    tower_state = {norm(k): v.float() for k, v in raw.items()}
+    # LLaVA's builder runs the tower in the checkpoint's dtype (float16 for these fixtures).
+    dtype = state_dtype(orig)
+    tower_state = {norm(k): v.to(dtype).float() for k, v in raw.items()}
     inside = {norm(k[len("model.vision_tower.vision_tower."):]): v for k, v in state.items()
               if k.startswith("model.vision_tower.vision_tower.")}
     tower_state.update(inside)  # LLaVA's merged outputs carry the tower: those weights are used

@@ -43,9 +43,23 @@ from llava_doctor.merge.llava_parts import fixed_generation_config, llm_family
 from llava_doctor.merge.plan import MergePlan
 from llava_doctor.merge.stream import MergeEvent, Observer
 from llava_doctor.merge.writer import write_file, write_json
-from llava_doctor.models import Report, Severity
+from llava_doctor.models import Finding, Report, Severity
 
 TARGETS = ("llava", "llava-hf")
+
+
+class ConversionRefused(PreflightRefused):
+    """The checks found errors for a llava-hf output; nothing was written."""
+
+    def __init__(self, report: Report, errors: list[Finding]):
+        super().__init__(report, errors)
+        codes = ", ".join(sorted({f.code for f in errors}))
+        self.message = (f"the checks found {len(errors)} error(s) ({codes}); nothing was "
+                        "written")
+        self.args = (self.message,)
+        self.hint = (f"`llava-doctor explain {errors[0].code}` says why and what to do"
+                     + ("; LD8xx inputs have no llava-hf form and cannot be forced"
+                        if any(f.code.startswith("LD8") for f in errors) else ""))
 
 
 def refuse_on_hf_errors(report: Report) -> None:
@@ -58,7 +72,7 @@ def refuse_on_hf_errors(report: Report) -> None:
             raise UsageError(f.message.split("; ")[0], path=f.path,
                              hint=f.evidence.get("hint") or "pass --vision-tower CLIP_DIR")
     if errors:
-        raise PreflightRefused(report, errors)
+        raise ConversionRefused(report, errors)
 
 
 @dataclass(frozen=True)
@@ -203,7 +217,7 @@ def convert(llava_dir: Path | str, out: Path | str, *, vision_tower: Path | str 
     refuse_on_hf_errors(report)
     errors = [f for f in report.findings if f.severity == Severity.error]
     if errors:
-        raise PreflightRefused(report, errors)
+        raise ConversionRefused(report, errors)
     emit(phase="plan")
     md = ModelDir.find(src)
     if md is None:

@@ -25,6 +25,7 @@ from llava_doctor.merge.plan import (
     MergePlan,
     PlannedTensor,
     Source,
+    _dominant_float,
     _ordered_base,
     _shard,
 )
@@ -90,6 +91,7 @@ def plan_llava_hf(plan: MergePlan, tower: Tower, vocab: Vocab, *, next_: bool,
     notes = list(plan.notes)
     files = dict(plan.files)
     tensors = plan.tensors
+    float_out = _dominant_float([replace(t.source.info, dtype=t.dtype) for t in tensors])
     own_tower = False
     for t in tensors:
         name = to_canonical(t.name)
@@ -126,9 +128,12 @@ def plan_llava_hf(plan: MergePlan, tower: Tower, vocab: Vocab, *, next_: bool,
                                                    "(LD803)")
         for name, (wf, info) in tower.tensors.items():
             files[wf.path] = wf
-            out_dt = info.dtype  # "auto" keeps every input's dtype, the tower's too
-            if info.dtype in FLOAT_DTYPES and plan.out_dtype != "auto":
-                out_dt = TORCH_TO_ST[plan.out_dtype]
+            out_dt = info.dtype
+            if info.dtype in FLOAT_DTYPES:
+                # "auto" gives the tower the model's dtype, as LLaVA's builder casts it: a
+                # float32 tower beside a float16 LLM loads in transformers 4.46 with a float16
+                # projector behind a float32 tower, and the forward pass fails (measured).
+                out_dt = float_out if plan.out_dtype == "auto" else TORCH_TO_ST[plan.out_dtype]
             out.append(PlannedTensor(name=name, dtype=out_dt, shape=info.shape,
                                      source=Source(wf.path, info.name, info, "vision_tower"),
                                      end=info.numel * dtype_size(out_dt)))
