@@ -42,9 +42,50 @@ def state_dtype(path: Path) -> torch.dtype:
     return next(iter(load_file(str(f)).values())).dtype
 
 
+def best_resolution(width: int, height: int, pinpoints: list[list[int]]) -> tuple[int, int]:
+    """LLaVA's anyres choice: the pinpoint (read as width, height) that keeps the most of the
+    image at its downscaled size, then wastes the fewest pixels."""
+    best, best_fit, best_waste = (0, 0), -1, float("inf")
+    for w, h in pinpoints:
+        scale = min(w / width, h / height)
+        fit = min(int(width * scale) * int(height * scale), width * height)
+        waste = w * h - fit
+        if fit > best_fit or (fit == best_fit and waste < best_waste):
+            best, best_fit, best_waste = (w, h), fit, waste
+    return best
+
+
+def anyres_unpad(feats: torch.Tensor, image_hw: tuple[int, int], cfg: dict, size: int,
+                 patch: int, newline: torch.Tensor) -> torch.Tensor:
+    """LLaVA-NeXT's 'spatial_unpad' merge of projected crop features [crops, side*side, C]:
+    the base crop's features, then the grid of the other crops laid out as one feature map,
+    cropped back to the image's aspect ratio, with `image_newline` after each row."""
+    side = size // patch
+    height, width = image_hw
+    best_w, best_h = best_resolution(width, height, cfg["image_grid_pinpoints"])
+    cols, rows = best_w // size, best_h // size
+    base, grid = feats[0], feats[1:]
+    c = grid.shape[-1]
+    fmap = grid.view(rows, cols, side, side, c).permute(4, 0, 2, 1, 3)
+    fmap = fmap.reshape(c, rows * side, cols * side)
+    cur_h, cur_w = fmap.shape[1:]
+    if width / height > cur_w / cur_h:  # wider than the map: rows of padding top and bottom
+        new_h = int(height * cur_w / width)
+        pad = (cur_h - new_h) // 2
+        fmap = fmap[:, pad:cur_h - pad, :]
+    else:
+        new_w = int(width * cur_h / height)
+        pad = (cur_w - new_w) // 2
+        fmap = fmap[:, :, pad:cur_w - pad]
+    fmap = torch.cat([fmap, newline[:, None, None].expand(c, fmap.shape[1], 1)], dim=-1)
+    return torch.cat([base, fmap.flatten(1, 2).transpose(0, 1)], dim=0)
+
+
 def reference_logits(orig: Path, clip: Path, pixels: torch.Tensor, before: list[int],
-                     after: list[int]) -> tuple[torch.Tensor, int]:
-    """LLaVA-1.5's forward pass on the original checkpoint, from its definition."""
+                     after: list[int], image_hw: tuple[int, int] | None = None,
+                     ) -> tuple[torch.Tensor, int]:
+    """LLaVA's forward pass on the original checkpoint, from its definition (LLaVA-1.5; with
+    ``image_hw``, LLaVA-NeXT's anyres + spatial_unpad)."""
     cfg = json.loads((orig / "config.json").read_text())
     state = original_state(orig)
     # The tower from its files (a CLIP saved by transformers 5 has no `vision_model.` prefix,
@@ -76,7 +117,8 @@ def reference_logits(orig: Path, clip: Path, pixels: torch.Tensor, before: list[
     missing, unexpected = llm.load_state_dict(own, strict=False)
     assert not [m for m in missing if "rotary" not in m] and not unexpected, (missing, unexpected)
     with torch.no_grad():
-        hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+        crops = pixels if image_hw is None else pixels[0]  # NeXT: [1, crops, 3, H, W]
+        hidden = tower(pixel_values=crops, output_hidden_states=True).hidden_states
         feats = hidden[cfg["mm_vision_select_layer"]]
         if cfg.get("mm_vision_select_feature", "patch") == "patch":
             feats = feats[:, 1:]
@@ -84,6 +126,9 @@ def reference_logits(orig: Path, clip: Path, pixels: torch.Tensor, before: list[
         w2, b2 = state["model.mm_projector.2.weight"], state["model.mm_projector.2.bias"]
         feats = torch.nn.functional.linear(
             torch.nn.functional.gelu(torch.nn.functional.linear(feats, w0, b0)), w2, b2)
+        if image_hw is not None:
+            feats = anyres_unpad(feats, image_hw, cfg, vcfg.image_size, vcfg.patch_size,
+                                 state["model.image_newline"])[None]
         emb = llm.get_input_embeddings()
         embeds = torch.cat([emb(torch.tensor([before])), feats, emb(torch.tensor([after]))], 1)
         logits = llm(inputs_embeds=embeds).logits
@@ -112,16 +157,21 @@ def main() -> None:
     out["chat"] = tok.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
         tokenize=False, add_generation_prompt=True)
-    if kind == "llava":
-        before, after, pixels = data["before"], data["after"], data["pixels"]
-        ref, n = reference_logits(orig, clip, pixels, before, after)
-        ids = torch.tensor([before + [cfg["image_token_index"]] * n + after])
-        with torch.no_grad():
-            got = model(input_ids=ids, pixel_values=pixels).logits
-        vocab = ref.shape[-1]
-        out["features"] = n
-        out["max_abs_diff"] = float((got[..., :vocab] - ref).abs().max())
-        out["ref_scale"] = float(ref.abs().max())
+    before, after = data["before"], data["after"]
+    if kind == "next":
+        # a 30x50 (height x width) image: the 30x60 pinpoint, a base crop and 2 grid crops
+        pixels, image_hw = data["crops"], (30, 50)
+        extra = {"image_sizes": torch.tensor([list(image_hw)])}
+    else:
+        pixels, image_hw, extra = data["pixels"], None, {}
+    ref, n = reference_logits(orig, clip, pixels, before, after, image_hw)
+    ids = torch.tensor([before + [cfg["image_token_index"]] * n + after])
+    with torch.no_grad():
+        got = model(input_ids=ids, pixel_values=pixels, **extra).logits
+    vocab = ref.shape[-1]
+    out["features"] = n
+    out["max_abs_diff"] = float((got[..., :vocab] - ref).abs().max())
+    out["ref_scale"] = float(ref.abs().max())
     try:
         from PIL import Image  # the image processors need it; not every venv has it
     except ImportError:

@@ -5,7 +5,8 @@ with a fast tokenizer built by the `tokenizers` library, since neither venv can 
 sentencepiece model without protobuf), a CLIPVisionModel saved by transformers as the
 --vision-tower dir. The converted model is loaded by transformers 5.x (this venv) and 4.46.3
 (LLAVA_DOCTOR_HF446_PYTHON) in a child process that recomputes LLaVA's own forward pass of the
-original checkpoint (tests/hf_convert_probe.py).
+original checkpoint (tests/hf_convert_probe.py): LLaVA-1.5's, and LLaVA-NeXT's anyres +
+spatial_unpad for the v1.6-style run.
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     inputs = root / "inputs.pt"
     torch.save({"pixels": torch.randn(1, 3, 30, 30, generator=g), "before": [1, 5, 17, 40],
                 "after": [9, 33, 2],
-                "image": torch.randint(0, 256, (30, 30, 3), generator=g, dtype=torch.uint8)},
+                "image": torch.randint(0, 256, (30, 30, 3), generator=g, dtype=torch.uint8),
+                # anyres crops of a 30x50 image: the base crop and a 1x2 grid
+                "crops": torch.randn(1, 3, 3, 30, 30, generator=g)},
                inputs)
     hf = root / "llava-v1.5-tiny-hf"
     convert(llava, hf, vision_tower=clip, dtype="auto", device="cpu", durable=False)
@@ -219,10 +222,14 @@ def test_llava_loads_cleanly_and_gives_llavas_logits(which: str, work: dict[str,
 
 
 @pytest.mark.parametrize("which", ["5.x", "4.46"])
-def test_llava_next_loads_cleanly(which: str, work: dict[str, Path], tmp_path: Path) -> None:
+def test_llava_next_loads_cleanly_and_gives_llavas_logits(which: str, work: dict[str, Path],
+                                                          tmp_path: Path) -> None:
     r = _probe(which, work, "next", "hf_next", "next", tmp_path)
     assert r["class"] == "LlavaNextForConditionalGeneration"
     assert (r["missing"], r["unexpected"], r["mismatched"]) == ([], [], [])
+    # base crop (25) + the 1x2 grid unpadded to 5x8 with a newline after each row (45)
+    assert r["features"] == 70
+    assert r["max_abs_diff"] <= 1e-6 * max(1.0, r["ref_scale"]), r  # type: ignore[operator]
     if r["processor"] != "no PIL in this environment":
         assert r["processor"] == "LlavaNextProcessor"
         assert r["image_tokens"] == r["model_features"] > 0
