@@ -158,6 +158,9 @@ def main() -> None:
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
         tokenize=False, add_generation_prompt=True)
     before, after = data["before"], data["after"]
+    if kind == "load":  # loading only (no LLaVA reference for this tower)
+        Path(result).write_text(json.dumps(out, indent=1))
+        return
     if kind == "next":
         # a 30x50 (height x width) image: the 30x60 pinpoint, a base crop and 2 grid crops
         pixels, image_hw = data["crops"], (30, 50)

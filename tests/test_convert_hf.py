@@ -247,6 +247,28 @@ def test_next_output_keeps_image_newline_and_pinpoints(work: dict[str, Path]) ->
     assert "image_newline" not in _tensors(work["hf"])  # flat runs have none to keep
 
 
+@pytest.mark.parametrize("which", ["5.x", "4.46"])
+def test_siglip_tower_loads_cleanly(which: str, work: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    siglip = tmp_path / "siglip-tiny"
+    SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=TINY.mm_hidden, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, image_size=30, patch_size=6)).save_pretrained(str(siglip))
+    out = tmp_path / "llava-siglip-hf"
+    convert(work["llava"], out, vision_tower=siglip, device="cpu", durable=False)
+    cfg = json.loads((out / "config.json").read_text())
+    # no CLS token to drop: every patch is a feature
+    assert cfg["vision_feature_select_strategy"] == "full" and cfg["image_seq_length"] == 25
+    assert cfg["vision_config"]["model_type"] == "siglip_vision_model"
+    proc = json.loads((out / "processor_config.json").read_text())
+    assert proc["num_additional_image_tokens"] == 0
+    tmp_work = dict(work, hf_siglip=out, clip=siglip)
+    r = _probe(which, tmp_work, "llava", "hf_siglip", "load", tmp_path)
+    assert (r["missing"], r["unexpected"], r["mismatched"]) == ([], [], [])
+
+
 # --- the tower saved inside LLaVA's merged output wins ------------------------------------------
 
 def _with_own_tower(src: Path, dst: Path, clip: Path, *, drop: str | None = None) -> Path:
@@ -297,6 +319,15 @@ def test_merge_to_llava_hf_equals_convert_of_the_merge(work: dict[str, Path], tm
     cb = json.loads((via / "config.json").read_text())
     assert ca["text_config"]["vocab_size"] == cb["text_config"]["vocab_size"] == 192
     assert ca["vision_config"] == cb["vision_config"]
+    # vicuna's sentencepiece tokenizer: the added tokens go to tokenizer_config.json and
+    # added_tokens.json (transformers builds the fast tokenizer from those)
+    tc = json.loads((direct / "tokenizer_config.json").read_text())
+    assert {k: v["content"] for k, v in tc["added_tokens_decoder"].items()} == {
+        "128": "<image>", "129": "<pad>"}
+    assert tc["pad_token"] == "<pad>" and tc["chat_template"].startswith("{%- set ns")
+    assert json.loads((direct / "added_tokens.json").read_text()) == {"<image>": 128,
+                                                                     "<pad>": 129}
+    assert (direct / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
 
 
 # --- refusals: one line, exit 1 or 2, nothing written ----------------------------------------
@@ -384,3 +415,26 @@ def test_header_of_written_shard_is_canonical(work: dict[str, Path]) -> None:
         names = list(f.keys())
     assert all(n.startswith(("language_model.", "vision_tower.vision_model.",
                              "multi_modal_projector.")) for n in names)
+
+
+@pytest.mark.parametrize("case", ["LD801", "LD802"])
+def test_merge_to_llava_hf_refuses_before_writing(case: str, work: dict[str, Path],
+                                                  tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    base = build_base(tmp_path / "vicuna-tiny", TINY)
+    lora = build_lora(tmp_path / "llava-v1.5-tiny-lora", TINY, base=base,
+                      projector_type="linear" if case == "LD801" else "mlp2x_gelu",
+                      mm_vision_tower="nobody/no-such-clip")
+    tower = ["--vision-tower", str(work["clip"])] if case == "LD801" else []
+    out = tmp_path / "out-hf"
+    rc, stdout, stderr = _cli(["merge", str(lora), "--base", str(base), "--out", str(out),
+                               "--to", "llava-hf", "--force", *tower], capsys)
+    assert rc == (2 if case == "LD802" else 1), stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llava-doctor: error: "), stderr
+    assert (f"({case}); nothing was written" in lines[0]) if case == "LD801" else (
+        "huggingface-cli download nobody/no-such-clip" in lines[0])
+    assert not out.exists() and not list(tmp_path.glob("out-hf.*"))
+    rc, stdout, _ = _cli(["check", str(lora), "--base", str(base), "--to", "llava-hf",
+                          *tower], capsys)
+    assert rc == 1 and case in stdout
