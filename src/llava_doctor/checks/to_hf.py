@@ -125,7 +125,7 @@ def vision_tower_not_found(ctx: Context) -> Iterable[Hit]:
     and without that model in `~/.cache/huggingface/hub`.
 
     ## Fix
-    Pass `--vision-tower CLIP_DIR`, or download the model into the cache
+    None automatic: pass `--vision-tower CLIP_DIR`, or download the model into the cache
     (`huggingface-cli download openai/clip-vit-large-patch14-336`). `convert` exits 2.
     """
     return _hits(ctx, "LD802")
@@ -151,7 +151,8 @@ def vision_tower_not_clip(ctx: Context) -> Iterable[Hit]:
     config.json.
 
     ## Fix
-    Pass the CLIP checkpoint the run was trained with (`--vision-tower CLIP_DIR`).
+    None automatic: pass the CLIP checkpoint the run was trained with
+    (`--vision-tower CLIP_DIR`).
     """
     return _hits(ctx, "LD803")
 
@@ -174,7 +175,7 @@ def vision_tower_width_mismatch(ctx: Context) -> Iterable[Hit]:
     `--vision-tower clip-vit-base-patch16` (768 wide).
 
     ## Fix
-    Pass the vision tower the run was trained with (`--vision-tower`).
+    None automatic: pass the vision tower the run was trained with (`--vision-tower`).
     """
     return _hits(ctx, "LD804")
 
@@ -218,7 +219,7 @@ def tokenizer_rows_mismatch(ctx: Context) -> Iterable[Hit]:
     resized (or ZeRO-3 placeholders).
 
     ## Fix
-    Save the tokenizer the model was trained with next to its weights.
+    None automatic: save the tokenizer the model was trained with next to its weights.
     """
     return _hits(ctx, "LD806")
 
@@ -264,8 +265,8 @@ def image_newline_missing(ctx: Context) -> Iterable[Hit]:
     A v1.6-style LoRA run whose `non_lora_trainables.bin` lost `image_newline` (see LD305).
 
     ## Fix
-    Merge with the `non_lora_trainables.bin` that holds it (`llava-doctor fix` can often
-    restore its keys).
+    None automatic: merge with the `non_lora_trainables.bin` that holds it
+    (`llava-doctor fix` can often restore its keys).
     """
     return _hits(ctx, "LD808")
 
@@ -288,6 +289,6 @@ def checkpoint_tower_mismatch(ctx: Context) -> Iterable[Hit]:
     A v1.6 checkpoint converted with `--vision-tower` pointing at a 224 px CLIP.
 
     ## Fix
-    Pass the CLIP checkpoint the run was trained with (`--vision-tower`).
+    None automatic: pass the CLIP checkpoint the run was trained with (`--vision-tower`).
     """
     return _hits(ctx, "LD809")
