@@ -438,3 +438,17 @@ def test_merge_to_llava_hf_refuses_before_writing(case: str, work: dict[str, Pat
     rc, stdout, _ = _cli(["check", str(lora), "--base", str(base), "--to", "llava-hf",
                           *tower], capsys)
     assert rc == 1 and case in stdout
+
+
+def test_convert_killed_midway_leaves_no_output(work: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "llava-v1.5-tiny-hf"
+    cmd = [sys.executable, "-m", "llava_doctor", "convert", str(work["llava"]), "--out",
+           str(out), "--vision-tower", str(work["clip"]), "--device", "cpu", "-q"]
+    env = {**os.environ, "LLAVA_DOCTOR_TEST_ABORT_AFTER_WRITES": "3"}
+    killed = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert killed.returncode == -9  # SIGKILL after the third write
+    assert not out.exists() and len(list(tmp_path.glob(f"{out.name}.partial-*"))) == 1
+    env.pop("LLAVA_DOCTOR_TEST_ABORT_AFTER_WRITES")
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # the leftover is gone
