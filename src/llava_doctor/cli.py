@@ -134,6 +134,9 @@ def check(
     vision_tower: Annotated[Path | None, typer.Option(
         "--vision-tower", metavar="CLIP_DIR", help="With --to llava-hf: the CLIP checkpoint "
                                                    "(default: mm_vision_tower).")] = None,
+    env: Annotated[bool, typer.Option("--env", help="Also report the environment (as "
+                                      "`llava-doctor env`); its findings count for the exit "
+                                      "code.")] = False,
 ) -> None:
     """Diagnose LoRA runs before the merge. Exit 0 clean, 1 findings, 2 usage error."""
     from llava_doctor.checks.context import Options
@@ -167,6 +170,12 @@ def check(
         report = run_checks(targets, opts, select=sel, ignore=ign,
                             jobs=jobs or (os.cpu_count() or 1), on_target=progress)
         report = cfg.apply(report)
+        if env:
+            from llava_doctor.envinfo import EnvOptions, gather
+
+            report = report.model_copy(update={"env": gather(targets, EnvOptions(
+                peft_version=peft_version or cfg.peft_version, base=opts.base,
+                run_target_checks=False))})
         text = RENDERERS[fmt.value](report, root=root, fail_on=threshold,
                                     lines=json_key_lines(report),
                                     color=output is None and fmt == "text" and _color(),

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from llava_doctor.artifacts.discovery import LORA_KINDS, DirKind
-from llava_doctor.checks.base import CheckSpec, Hit, Skip, all_checks
+from llava_doctor.checks.base import TARGET, CheckSpec, Hit, Skip, all_checks
 from llava_doctor.checks.context import Context, Options
 from llava_doctor.errors import DoctorError
 from llava_doctor.models import (
@@ -36,7 +36,7 @@ def selected_checks(select: Iterable[str] | None = None,
     ign = [s.upper() for s in ignore] if ignore else []
     out = []
     for code, spec in checks.items():
-        if code == INTERNAL:
+        if code == INTERNAL or spec.scope != TARGET:
             continue
         if sel is not None and not any(code.startswith(s) for s in sel):
             continue

@@ -82,12 +82,115 @@ class TargetResult(_Frozen):
     checks: list[CheckOutcome] = Field(default_factory=list)
 
 
+class PackageStatus(_Frozen):
+    """One installed distribution, read from its metadata (nothing is imported)."""
+
+    name: str
+    version: str | None = Field(description="None when it is not installed")
+    location: str | None = Field(default=None, description="Where its files are")
+    source: str = Field(default="metadata", description="metadata | --peft-version | "
+                                                        "--transformers-version | import path")
+    installed: str | None = Field(default=None, description="The installed version, when "
+                                  "--peft-version / --transformers-version stands for it")
+
+
+class TorchBuild(_Frozen):
+    """torch's version and build, from its metadata and `torch/version.py` read as text."""
+
+    version: str | None
+    cuda: str | None = None
+    hip: str | None = None
+    build: str = Field(description="cpu | cuda X.Y | rocm X.Y | unknown | not installed")
+
+
+class Gpu(_Frozen):
+    index: int
+    name: str
+    memory_total_bytes: int | None = None
+    memory_free_bytes: int | None = None
+
+
+class GpuQuery(_Frozen):
+    """The visible GPUs, or why they are unknown."""
+
+    method: str = Field(description="nvidia-smi | torch | none")
+    gpus: list[Gpu] | None = Field(default=None, description="None when the query did not run "
+                                                             "or failed")
+    error: str | None = None
+
+
+class LlavaImport(_Frozen):
+    """Whether `from llava.model import LlavaLlamaForCausalLM` works, tried in a subprocess."""
+
+    location: str | None = Field(description="The llava package directory; None when absent")
+    ok: bool | None = Field(default=None, description="None when not tried or timed out")
+    error: str | None = None
+    real_error: str | None = Field(default=None, description="The exception that llava/model/"
+                                   "__init__.py swallowed, from importing the module directly")
+    seconds: float | None = None
+
+
+class DiskSpace(_Frozen):
+    path: str
+    free_bytes: int
+    total_bytes: int
+
+
+class RunVersions(_Frozen):
+    """What one RUN's artifacts were written with."""
+
+    path: str
+    kind: str
+    transformers_version: str | None = Field(description="config.json's transformers_version")
+    peft_version: str | None = Field(description="adapter_config.json's peft_version")
+    key_layout: str | None = Field(description="The adapter's key layout, from its header")
+    quantization: str | None = Field(default=None, description="A bitsandbytes "
+                                     "quantization_config in the run's or the base's config")
+
+
+class EnvReport(_Frozen):
+    """`llava-doctor env`: the environment a merge would run in, and what the runs need."""
+
+    schema_version: str = SCHEMA_VERSION
+    tool: str = "llava-doctor"
+    tool_version: str = __version__
+    python: str
+    python_executable: str
+    platform: str
+    packages: list[PackageStatus] = Field(default_factory=list)
+    torch: TorchBuild
+    gpus: GpuQuery
+    llava: LlavaImport
+    ram_total_bytes: int | None = None
+    ram_available_bytes: int | None = None
+    disks: list[DiskSpace] = Field(default_factory=list)
+    runs: list[RunVersions] = Field(default_factory=list)
+    findings: list[Finding] = Field(default_factory=list)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def counts(self) -> dict[str, int]:
+        out = {s.value: 0 for s in Severity}
+        for f in self.findings:
+            out[f.severity.value] += 1
+        return out
+
+    def package(self, name: str) -> PackageStatus | None:
+        return next((p for p in self.packages if p.name == name), None)
+
+    def exit_code(self, fail_on: Severity = Severity.error) -> int:
+        """0 when no finding is at or above ``fail_on``, else 1 (as `check`)."""
+        return 1 if any(f.severity.rank >= fail_on.rank for f in self.findings) else 0
+
+
 class Report(_Frozen):
     schema_version: str = SCHEMA_VERSION
     tool: str = "llava-doctor"
     tool_version: str = __version__
     targets: list[TargetResult] = Field(default_factory=list)
     findings: list[Finding] = Field(default_factory=list)
+    env: EnvReport | None = Field(default=None, description="The environment section "
+                                  "(`check --env`); its findings count for the exit code")
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -101,5 +204,7 @@ class Report(_Frozen):
         return max((f.severity for f in self.findings), key=lambda s: s.rank, default=None)
 
     def exit_code(self, fail_on: Severity = Severity.error) -> int:
-        """0 when no finding is at or above ``fail_on``, else 1."""
+        """0 when no finding (the environment's included) is at or above ``fail_on``, else 1."""
+        if self.env is not None and self.env.exit_code(fail_on):
+            return 1
         return 1 if any(f.severity.rank >= fail_on.rank for f in self.findings) else 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from llava_doctor.models import FixSafety, Severity
 
@@ -35,6 +35,9 @@ class Skip(Exception):
 
 
 CheckFn = Callable[["Context"], Iterable[Hit]]
+# Environment checks (LD9xx) take an `envinfo.EnvContext` instead of a target's Context.
+AnyCheckFn = TypeVar("AnyCheckFn", bound=Callable[..., Iterable[Hit]])
+TARGET, ENVIRONMENT = "target", "environment"
 
 
 @dataclass(frozen=True)
@@ -44,10 +47,13 @@ class CheckSpec:
     severity: Severity
     fix: FixSafety
     doc: str
-    fn: CheckFn
+    fn: Callable[..., Iterable[Hit]]
     summary: str
     # Checks for files inside a LoRA dir run on every target kind; others only on LoRA kinds.
     needs_lora: bool = True
+    # "target": run on each checked directory; "environment": run once on the installed
+    # packages and machine by `llava-doctor env` / `check --env`, never per target.
+    scope: str = TARGET
 
     def section(self, heading: str) -> str:
         """The text under one `## heading` of the doc."""
@@ -61,10 +67,10 @@ _NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
 
 def check(code: str, name: str, severity: Severity, *, fix: FixSafety = FixSafety.none,
-          needs_lora: bool = True) -> Callable[[CheckFn], CheckFn]:
+          needs_lora: bool = True, scope: str = TARGET) -> Callable[[AnyCheckFn], AnyCheckFn]:
     """Register a check. Its docstring is the doc (ruff's template)."""
 
-    def deco(fn: CheckFn) -> CheckFn:
+    def deco(fn: AnyCheckFn) -> AnyCheckFn:
         if not _CODE.match(code) or not _NAME.match(name):
             raise ValueError(f"bad check code/name {code} {name}")
         if code in REGISTRY:
@@ -72,7 +78,7 @@ def check(code: str, name: str, severity: Severity, *, fix: FixSafety = FixSafet
         doc = _dedent(fn.__doc__ or "")
         summary = doc.strip().splitlines()[0] if doc.strip() else name
         REGISTRY[code] = CheckSpec(code=code, name=name, severity=severity, fix=fix, doc=doc,
-                                   fn=fn, summary=summary, needs_lora=needs_lora)
+                                   fn=fn, summary=summary, needs_lora=needs_lora, scope=scope)
         return fn
 
     return deco

@@ -3,6 +3,7 @@
 from llava_doctor.checks import (  # noqa: F401
     adapter,
     base_model,
+    environment,
     files,
     internal,
     layout,

@@ -1,3 +1,3 @@
 """Sub-commands that live outside cli.py; each module exposes `register(app)`."""
 
-COMMAND_MODULES = ("fix", "merge", "schema", "convert")
+COMMAND_MODULES = ("fix", "merge", "schema", "convert", "env")

@@ -74,4 +74,9 @@ def render_text(report: Report, *, color: bool = False, verbose: bool = False,
                      f"in {len(report.targets)} target(s).")
     else:
         lines.append(f"No issues found in {len(report.targets)} target(s).")
+    if report.env is not None:
+        from llava_doctor.report.env_text import render_env_text
+
+        lines += ["", _c("Environment", "1", color), render_env_text(report.env, color=color)]
+        return "\n".join(lines)
     return "\n".join(lines) + "\n"
