@@ -18,7 +18,9 @@ import os
 import re
 import resource
 import shutil
+import sys
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -482,3 +484,18 @@ def _install(partial: Path, out: Path) -> None:
     fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+class _CallableModule(types.ModuleType):
+    """`llava_doctor.merge(...)` is `llava_doctor.merge.merge(...)` (the Python API): the package
+    attribute `merge` is this subpackage once any of its modules is imported, so the subpackage
+    itself is made callable rather than shadowed by a function."""
+
+    def __call__(self, lora_dir: Path | str, base: Path | str | None = None,
+                 out: Path | str | None = None, **kwargs: Any) -> MergeResult:
+        if out is None:
+            raise UsageError("merge needs an output directory", hint="pass out=DIR")
+        return merge(lora_dir, base, out, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
