@@ -1,0 +1,1 @@
+"""Optional integrations with training libraries; each imports its library only when used."""

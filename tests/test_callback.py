@@ -1,0 +1,200 @@
+"""DoctorCallback on a real `transformers.Trainer`: a tiny Llama with a peft LoRA, a few CPU steps.
+
+Faults are injected the way they happen: a ZeRO-3-like placeholder adapter (every tensor saved
+`[0]`-shaped) written over the Trainer's file at save time, and a NaN in a `lora_B` weight
+during training, which the Trainer then saves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+torch = pytest.importorskip("torch")
+
+from llava_doctor.fixtures.builder import tokenizer_model_path  # noqa: E402
+from llava_doctor.integrations.transformers import (  # noqa: E402
+    REPORT_NAME,
+    DoctorCallback,
+)
+
+MAX_STEPS, SAVE_STEPS = 4, 2
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    # The vocabulary of the shipped 128-piece tokenizer.model, copied beside the weights so the
+    # base is complete (LLaVA's merge loads its slow tokenizer).
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=2, max_position_embeddings=32)
+    d = tmp_path_factory.mktemp("tiny-llama")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    shutil.copyfile(tokenizer_model_path(), d / "tokenizer.model")
+    return d
+
+
+class _Data(torch.utils.data.Dataset):  # type: ignore[misc]
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ids = (torch.arange(8) + i) % 128
+        return {"input_ids": ids, "labels": ids, "attention_mask": torch.ones(8, dtype=torch.long)}
+
+
+def train(base_dir: Path, out: Path, callbacks: list[Any]) -> Any:
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8,
+                                                       target_modules=["q_proj", "v_proj"]))
+    args = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=MAX_STEPS, save_steps=SAVE_STEPS, save_strategy="steps",
+        per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True,
+        logging_steps=100, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Data(),
+                                   callbacks=callbacks)
+    trainer.train()
+    return trainer
+
+
+def _files(d: Path) -> dict[str, tuple[str, int]]:
+    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(d.iterdir()) if p.is_file()}
+
+
+class Snapshot(transformers.TrainerCallback):  # type: ignore[misc]
+    """Records every checkpoint file (sha256, mtime) as the Trainer left it."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, dict[str, tuple[str, int]]] = {}
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.seen[state.global_step] = _files(Path(args.output_dir) /
+                                              f"checkpoint-{state.global_step}")
+
+
+class Zero3Placeholders(transformers.TrainerCallback):  # type: ignore[misc]
+    """At one save, rewrite the adapter as ZeRO-3 without a gather leaves it: every tensor [0]."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if state.global_step != self.step:
+            return
+        from safetensors.torch import load_file, save_file
+
+        f = Path(args.output_dir) / f"checkpoint-{self.step}" / "adapter_model.safetensors"
+        save_file({k: torch.empty(0, dtype=v.dtype) for k, v in load_file(f).items()}, f,
+                  metadata={"format": "pt"})
+
+
+class NanAt(transformers.TrainerCallback):  # type: ignore[misc]
+    """At the end of one step (just before the save of that step), a lora_B weight turns NaN."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None,
+                    **kw: Any) -> None:
+        if state.global_step != self.step:
+            return
+        name, param = next((n, p) for n, p in model.named_parameters() if "lora_B" in n)
+        with torch.no_grad():
+            param[0, 0] = float("nan")
+
+
+class SnapshotAfter(Snapshot):
+    pass
+
+
+def test_a_healthy_run_is_untouched(base_dir: Path, tmp_path: Path) -> None:
+    before, lines, after = Snapshot(), [], SnapshotAfter()
+    doctor = DoctorCallback(stop_on_error=True, log=lines.append)
+    trainer = train(base_dir, tmp_path / "out", [before, doctor, after])
+    assert trainer.state.global_step == MAX_STEPS
+    assert sorted(before.seen) == sorted(after.seen) == [2, 4]
+    for step in (2, 4):
+        # The callback changed no file of the checkpoint; it only added its report.
+        added = {k: v for k, v in after.seen[step].items() if k not in before.seen[step]}
+        assert list(added) == [REPORT_NAME]
+        assert {k: v for k, v in after.seen[step].items() if k != REPORT_NAME} == before.seen[step]
+    assert [r.step for r in doctor.results] == [2, 4]
+    for r in doctor.results:
+        assert r.blocking == ()
+        assert [f for f in r.report.findings if f.severity.value == "error"
+                and f.code not in ("LD101", "LD104")] == []
+        saved = json.loads(r.report_path.read_text())  # type: ignore[union-attr]
+        assert saved == json.loads(r.report.model_dump_json())
+        # Headers only by default: the value checks were skipped, not run.
+        outcome = {c.code: c for c in r.report.targets[0].checks}
+        assert outcome["LD205"].status.value == "skipped"
+        # The base recorded by peft (a local dir) was found and used.
+        assert r.report.targets[0].inputs[0].path == str(base_dir)
+    assert len(lines) == 2
+    ckpt2 = tmp_path / "out" / "checkpoint-2"
+    assert lines[0].startswith("llava-doctor: checkpoint-2: 0 error(s), 0 warning(s) in ")
+    assert lines[0].endswith(f" s; expected in a Trainer checkpoint: LD101, LD104, LD106; "
+                             f"report: {ckpt2 / REPORT_NAME}")
+
+
+def test_zero3_placeholders_stop_the_training_at_that_save(base_dir: Path, tmp_path: Path) -> None:
+    lines: list[str] = []
+    doctor = DoctorCallback(stop_on_error=True, log=lines.append)
+    trainer = train(base_dir, tmp_path / "out", [Zero3Placeholders(step=2), doctor])
+    assert trainer.state.global_step == 2  # stopped at the first save, not at MAX_STEPS
+    assert not (tmp_path / "out" / "checkpoint-4").exists()
+    (r,) = doctor.results
+    assert [f.code for f in r.blocking] == ["LD105"]
+    report = json.loads((tmp_path / "out" / "checkpoint-2" / REPORT_NAME).read_text())
+    assert "LD105" in {f["code"] for f in report["findings"]}
+    assert lines[0].startswith("llava-doctor: checkpoint-2: 1 error(s) (LD105), ")
+    assert lines[0].endswith("; stopping the training (stop_on_error)")
+
+
+def test_without_stop_on_error_the_fault_is_reported_and_training_goes_on(
+        base_dir: Path, tmp_path: Path) -> None:
+    doctor = DoctorCallback(log=lambda _: None)
+    trainer = train(base_dir, tmp_path / "out", [Zero3Placeholders(step=2), doctor])
+    assert trainer.state.global_step == MAX_STEPS
+    assert [(r.step, [f.code for f in r.blocking]) for r in doctor.results] == [
+        (2, ["LD105"]), (4, [])]
+
+
+def test_a_nan_is_found_with_values_and_stops_the_training(base_dir: Path,
+                                                            tmp_path: Path) -> None:
+    doctor = DoctorCallback(stop_on_error=True, values=True, log=lambda _: None)
+    trainer = train(base_dir, tmp_path / "out", [NanAt(step=2), doctor])
+    assert trainer.state.global_step == 2
+    (r,) = doctor.results
+    assert [f.code for f in r.blocking] == ["LD205"]
+    assert "adapter_model.safetensors" in r.blocking[0].message
+
+
+def test_only_the_main_process_checks(tmp_path: Path) -> None:
+    doctor = DoctorCallback(stop_on_error=True, log=lambda _: None)
+    state = transformers.TrainerState(global_step=2, is_world_process_zero=False)
+    control = transformers.TrainerControl()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    assert doctor.on_save(args, state, control) is control
+    assert doctor.results == [] and not control.should_training_stop
+
+
+def test_importing_the_integration_does_not_import_transformers() -> None:
+    code = ("import sys\nimport llava_doctor.integrations.transformers as t\n"
+            "print('transformers' in sys.modules)\nt.DoctorCallback\n"
+            "print('transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=300).stdout.split()
+    assert out == ["False", "True"]
