@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
     @app.command("env")
     def env(
         runs: Annotated[list[Path] | None, typer.Argument(
-            metavar="[RUN]...", help="LoRA output dirs or checkpoint-N dirs to compare with "
+            metavar="RUN", help="LoRA output dirs or checkpoint-N dirs to compare with "
                                      "this environment.")] = None,
         fmt: Annotated[str, typer.Option("--format", help="text | json")] = "text",
         peft_version: PeftOpt = None,
