@@ -362,6 +362,9 @@ def test_env_command_json_validates_and_exit_codes(site: Path, capsys: pytest.Ca
            "llava.model import LlavaLlamaForCausalLM` fails" in text
     assert "    ✗ LD901 llava-import-broken" in text
     assert text.endswith("Found 1 error(s), 0 warning(s), 0 info in the environment.\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["env", "--gpu", "none", "--exit-zero"])
+    assert exc.value.code == 0
 
 
 def test_env_command_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
@@ -409,3 +412,13 @@ def test_env_schema_matches_the_pinned_copy(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit) as exc:
         main(["schema", "env"])
     assert exc.value.code == 0 and capsys.readouterr().out == render_schema("env")
+
+
+def test_env_exit_codes_follow_check(capsys: pytest.CaptureFixture[str]) -> None:
+    # LD905 is a warning: exit 0, and 1 under --strict.
+    for extra, rc in (([], 0), (["--strict"], 1)):
+        with pytest.raises(SystemExit) as exc:
+            main(["env", "--gpu", "none", "--peft-version", "0.5.0", "--format", "json", *extra])
+        assert exc.value.code == rc
+        out = json.loads(capsys.readouterr().out)
+        assert "LD905" in [f["code"] for f in out["findings"]]

@@ -34,6 +34,8 @@ def register(app: typer.Typer) -> None:
         gpu: GpuOpt = "auto",
         timeout: TimeoutOpt = 60.0,
         strict: Annotated[bool, typer.Option("--strict", help="Warnings fail too.")] = False,
+        exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even with findings "
+                                                "(usage errors still exit 2).")] = False,
     ) -> None:
         """What a merge would run with here: python, torch (build, GPUs), transformers, peft,
         safetensors, accelerate, bitsandbytes, llava (and whether it imports), RAM, disk; and
@@ -60,4 +62,6 @@ def register(app: typer.Typer) -> None:
             sys.stdout.write(report.model_dump_json(indent=2) + "\n")
         else:
             sys.stdout.write(render_env_text(report, color=_color()))
+        if exit_zero:
+            raise typer.Exit(0)
         raise typer.Exit(report.exit_code(Severity.warning if strict else Severity.error))
