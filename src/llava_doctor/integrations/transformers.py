@@ -161,7 +161,11 @@ def _checkpoint_dir(args: Any, state: Any) -> Path:
 
 
 def _build_callback() -> type:
-    from transformers import TrainerCallback
+    try:
+        from transformers import TrainerCallback
+    except ImportError as e:  # transformers is the training's dependency, not llava-doctor's
+        raise ImportError("DoctorCallback is a transformers.TrainerCallback: install "
+                          "transformers in the training environment") from e
 
     class DoctorCallback(TrainerCallback):  # type: ignore[misc]
         """A `transformers.TrainerCallback` running llava-doctor on each saved checkpoint.
