@@ -422,3 +422,22 @@ def test_env_exit_codes_follow_check(capsys: pytest.CaptureFixture[str]) -> None
         assert exc.value.code == rc
         out = json.loads(capsys.readouterr().out)
         assert "LD905" in [f["code"] for f in out["findings"]]
+
+
+def test_select_and_ignore_apply_to_the_environment_checks(
+        scenarios: dict[str, Path], site: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["env", "--gpu", "none", "--peft-version", "0.5.0", "--ignore", "LD905", "--strict",
+              "--format", "json"])
+    assert exc.value.code == 0
+    assert "LD905" not in [f["code"] for f in json.loads(capsys.readouterr().out)["findings"]]
+    report = gather([scenarios["lora-qlora"]], opts(site, select=("LD2",)))
+    assert sorted({f.code for f in report.findings}) == ["LD201", "LD208"]
+    llava_pkg(site, BROKEN_LLAMA)
+    monkeypatch.syspath_prepend(str(site))
+    with pytest.raises(SystemExit) as exc:
+        main(["check", str(scenarios["lora"]), "--isolated", "--fast", "--env", "--ignore", "LD901",
+              "--format", "json"])
+    assert exc.value.code == 0
+    assert json.loads(capsys.readouterr().out)["env"]["findings"] == []

@@ -175,7 +175,8 @@ def check(
 
             report = report.model_copy(update={"env": gather(targets, EnvOptions(
                 peft_version=peft_version or cfg.peft_version, base=opts.base,
-                run_target_checks=False))})
+                run_target_checks=False, select=tuple(sel) if sel is not None else None,
+                ignore=tuple(ign or ())))})
         text = RENDERERS[fmt.value](report, root=root, fail_on=threshold,
                                     lines=json_key_lines(report),
                                     color=output is None and fmt == "text" and _color(),

@@ -75,6 +75,8 @@ class EnvOptions:
     timeout: float = 60.0
     path: tuple[str, ...] | None = None
     run_target_checks: bool = True   # False under `check --env` (check runs them itself)
+    select: tuple[str, ...] | None = None   # codes or prefixes, as check's --select / --ignore
+    ignore: tuple[str, ...] = ()
 
 
 @dataclass
@@ -179,6 +181,13 @@ def target_options(opts: EnvOptions, installed_peft: str | None,
     return Options(**kw)
 
 
+def _wanted(code: str, opts: EnvOptions) -> bool:
+    sel = [s.upper() for s in opts.select] if opts.select is not None else None
+    if sel is not None and not any(code.startswith(s) for s in sel):
+        return False
+    return not any(code.startswith(i.upper()) for i in opts.ignore)
+
+
 def run_env_checks(ctx: EnvContext) -> list[Finding]:
     """Every registered environment check on `ctx`; a crash is an LD000 finding, as in check."""
     from llava_doctor.checks.base import Skip
@@ -186,7 +195,7 @@ def run_env_checks(ctx: EnvContext) -> list[Finding]:
     checks = all_checks()
     out: list[Finding] = []
     for code, spec in checks.items():
-        if spec.scope != ENVIRONMENT:
+        if spec.scope != ENVIRONMENT or not _wanted(code, ctx.options):
             continue
         try:
             hits = list(spec.fn(ctx))
@@ -243,5 +252,7 @@ def gather(runs: Sequence[Path | str] = (), options: EnvOptions | None = None) -
     if opts.run_target_checks and run_paths:
         from llava_doctor.doctor import run_checks
 
-        findings += run_checks(run_paths, topts, select=RUN_CODES).findings
+        codes = [c for c in RUN_CODES if _wanted(c, opts)]
+        if codes:
+            findings += run_checks(run_paths, topts, select=codes).findings
     return facts.model_copy(update={"findings": findings})

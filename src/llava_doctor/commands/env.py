@@ -20,7 +20,7 @@ TimeoutOpt = Annotated[float, typer.Option(
 
 def register(app: typer.Typer) -> None:
     """Add `llava-doctor env` to the app."""
-    from llava_doctor.cli import BaseOpt, PeftOpt, _color, _fail
+    from llava_doctor.cli import BaseOpt, IgnoreOpt, PeftOpt, SelectOpt, _codes, _color, _fail
 
     @app.command("env")
     def env(
@@ -33,6 +33,8 @@ def register(app: typer.Typer) -> None:
         base: BaseOpt = None,
         gpu: GpuOpt = "auto",
         timeout: TimeoutOpt = 60.0,
+        select: SelectOpt = None,
+        ignore: IgnoreOpt = None,
         strict: Annotated[bool, typer.Option("--strict", help="Warnings fail too.")] = False,
         exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even with findings "
                                                 "(usage errors still exit 2).")] = False,
@@ -52,10 +54,12 @@ def register(app: typer.Typer) -> None:
             if gpu not in GPU_METHODS:
                 raise UsageError(f"unknown --gpu '{gpu}'",
                                  hint=f"choose one of: {', '.join(GPU_METHODS)}")
+            sel, ign = _codes(select, "--select"), _codes(ignore, "--ignore")
             targets = collect_targets(runs) if runs else []
             report = gather(targets, EnvOptions(
                 peft_version=peft_version, transformers_version=transformers_version,
-                base=base, gpu=gpu, timeout=timeout))
+                base=base, gpu=gpu, timeout=timeout, select=tuple(sel) if sel else None,
+                ignore=tuple(ign or ())))
         except DoctorError as e:
             raise _fail(e) from None
         if fmt == "json":
