@@ -198,3 +198,26 @@ def test_importing_the_integration_does_not_import_transformers() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=300).stdout.split()
     assert out == ["False", "True"]
+
+
+def test_llava_trainer_checkpoint_layout(scenarios: dict[str, Path], tmp_path: Path) -> None:
+    """LLaVATrainer's checkpoint-N (adapter and trainer state; config.json and
+    non_lora_trainables.bin come only with the final save): nothing blocks, the expected codes
+    are named, and a copy with ZeRO-3 placeholders blocks on LD105."""
+    from safetensors.torch import load_file, save_file
+
+    from llava_doctor.integrations.transformers import CheckpointDoctor
+
+    lines: list[str] = []
+    doctor = CheckpointDoctor(stop_on_error=True, log=lines.append, report_name=None)
+    ckpt = scenarios["checkpoint-50"]
+    r = doctor.check_checkpoint(ckpt, 50)
+    assert r.blocking == () and not doctor.should_stop(r) and r.report_path is None
+    assert {"LD101", "LD104"} <= {f.code for f in r.report.findings}
+    assert "; expected in a Trainer checkpoint: LD101, LD104" in lines[0]
+    broken = tmp_path / "llava-v1.5-tiny-lora" / "checkpoint-50"
+    shutil.copytree(ckpt, broken)
+    f = broken / "adapter_model.safetensors"
+    save_file({k: torch.empty(0, dtype=v.dtype) for k, v in load_file(f).items()}, f)
+    r = doctor.check_checkpoint(broken, 50)
+    assert [x.code for x in r.blocking] == ["LD105"] and doctor.should_stop(r)
