@@ -346,22 +346,28 @@ def test_runs_report_what_they_were_written_with(scenarios: dict[str, Path], sit
 
 def test_env_command_json_validates_and_exit_codes(site: Path, capsys: pytest.CaptureFixture[str],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fake distributions go on the real sys.path, in front of this venv's packages.
     llava_pkg(site, BROKEN_LLAMA)
+    dist(site, "llava", "1.2.2.post1", ("transformers==4.37.2",))
+    dist(site, "transformers", "4.46.3")
     monkeypatch.syspath_prepend(str(site))
     with pytest.raises(SystemExit) as exc:
         main(["env", "--format", "json", "--gpu", "none"])
     assert exc.value.code == 1
     out = json.loads(capsys.readouterr().out)
     assert not list(jsonschema.Draft202012Validator(env_schema()).iter_errors(out))
-    assert [f["code"] for f in out["findings"]] == ["LD901"]
+    assert [f["code"] for f in out["findings"]] == ["LD901", "LD902"]
+    assert {p["name"]: p["version"] for p in out["packages"]}["transformers"] == "4.46.3"
     with pytest.raises(SystemExit) as exc:
         main(["env", "--gpu", "none"])
     assert exc.value.code == 1
     text = capsys.readouterr().out
-    assert f"[✗] llava (no metadata: a checkout on the path) at {site / 'llava'}: `from " \
-           "llava.model import LlavaLlamaForCausalLM` fails" in text
+    assert f"[✗] llava 1.2.2.post1 at {site / 'llava'}: `from llava.model import " \
+           "LlavaLlamaForCausalLM` fails" in text
+    assert "\n[✓] transformers 4.46.3\n" in text
     assert "    ✗ LD901 llava-import-broken" in text
-    assert text.endswith("Found 1 error(s), 0 warning(s), 0 info in the environment.\n")
+    assert "    ! LD902 llava-requirements-unmet" in text
+    assert text.endswith("Found 1 error(s), 1 warning(s), 0 info in the environment.\n")
     with pytest.raises(SystemExit) as exc:
         main(["env", "--gpu", "none", "--exit-zero"])
     assert exc.value.code == 0
