@@ -38,7 +38,8 @@ def check(path: PathLike | Sequence[PathLike], base: PathLike | None = None,
           projector: PathLike | None = None, *, peft_version: str | None = None,
           fast: bool = False, scan_base: bool = False, out: PathLike | None = None,
           select: Iterable[str] | None = None, ignore: Iterable[str] | None = None,
-          env: bool = False, jobs: int = 1) -> Report:
+          env: bool = False, to: str | None = None, vision_tower: PathLike | None = None,
+          jobs: int = 1) -> Report:
     """Check LoRA output dirs or checkpoint-N dirs; `llava-doctor check` as a function.
 
     ``path``: one directory or a list (globs expanded, a file stands for its directory).
@@ -46,8 +47,10 @@ def check(path: PathLike | Sequence[PathLike], base: PathLike | None = None,
     them). ``peft_version``: the peft that will load the adapter (default: the installed one,
     from metadata). ``fast``: headers only. ``out``: the planned merge output (disk-space
     preflight). ``select`` / ``ignore``: codes or prefixes. ``env``: add the environment section
-    (``Report.env``). Configuration files are not read. Raises ``llava_doctor.errors.UsageError``
-    when a path does not exist; everything found in the files is a finding, not an exception.
+    (``Report.env``). ``to="llava-hf"`` / ``vision_tower``: as ``--to`` / ``--vision-tower``
+    (what a conversion to llava-hf needs, LD8xx). Configuration files are not read. Raises
+    ``llava_doctor.errors.UsageError`` when a path does not exist; everything found in the files
+    is a finding, not an exception.
     """
     from llava_doctor.artifacts.installed import package_status
     from llava_doctor.checks.context import Options
@@ -58,7 +61,9 @@ def check(path: PathLike | Sequence[PathLike], base: PathLike | None = None,
     opts = Options(base=Path(base) if base is not None else None,
                    projector=Path(projector) if projector is not None else None,
                    peft_version=peft_version or package_status("peft").version, fast=fast,
-                   scan_base=scan_base, out=Path(out) if out is not None else None)
+                   scan_base=scan_base, out=Path(out) if out is not None else None,
+                   to=to if to == "llava-hf" else None,
+                   vision_tower=Path(vision_tower) if vision_tower is not None else None)
     report = run_checks(targets, opts, select=select, ignore=ignore, jobs=jobs)
     if env:
         from llava_doctor.envinfo import EnvOptions, gather
