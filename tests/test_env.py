@@ -447,3 +447,42 @@ def test_select_and_ignore_apply_to_the_environment_checks(
               "--format", "json"])
     assert exc.value.code == 0
     assert json.loads(capsys.readouterr().out)["env"]["findings"] == []
+
+
+def test_another_interpreters_environment(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                          ) -> None:
+    """`--python PY`: the metadata of PY's sys.path is read from here and the probes run in PY
+    (the training env is often not the one llava-doctor is installed in)."""
+    import subprocess
+
+    venv = tmp_path / "train-env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    py = str(venv / "bin" / "python")
+    path, version, exe = probes.interpreter_info(py, 60)
+    site = Path(next(p for p in path if p.endswith("site-packages")))
+    assert exe == py and version == ".".join(map(str, sys.version_info[:3]))
+    dist(site, "transformers", "4.37.2")
+    dist(site, "peft", "0.4.0")
+    llava_pkg(site, BROKEN_LLAMA)
+    with pytest.raises(SystemExit) as exc:
+        main(["env", "--python", py, "--gpu", "none", "--format", "json"])
+    assert exc.value.code == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["python_executable"] == py
+    got = {p["name"]: p["version"] for p in out["packages"]}
+    assert (got["transformers"], got["peft"], got["torch"]) == ("4.37.2", "0.4.0", None)
+    assert out["llava"]["real_error"] == ("ModuleNotFoundError: No module named "
+                                          "'flash_attn_missing_for_this_test'")
+    assert [f["code"] for f in out["findings"]] == ["LD901", "LD905"]
+
+
+def test_the_transformers_446_environment() -> None:
+    py = os.environ.get("LLAVA_DOCTOR_HF446_PYTHON")
+    if not py:
+        if os.environ.get("CI") == "true":
+            pytest.fail("LLAVA_DOCTOR_HF446_PYTHON is not set under CI")
+        pytest.skip("LLAVA_DOCTOR_HF446_PYTHON is not set")
+    report = gather((), EnvOptions(python=py, gpu="none"))
+    versions = {p.name: p.version for p in report.packages}
+    assert (versions["transformers"], versions["peft"]) == ("4.46.3", "0.13.2")

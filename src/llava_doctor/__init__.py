@@ -75,11 +75,12 @@ def check(path: PathLike | Sequence[PathLike], base: PathLike | None = None,
 
 def env(runs: PathLike | Sequence[PathLike] = (), *, peft_version: str | None = None,
         transformers_version: str | None = None, base: PathLike | None = None,
-        gpu: str = "auto", timeout: float = 60.0) -> EnvReport:
+        gpu: str = "auto", timeout: float = 60.0, python: str | None = None) -> EnvReport:
     """`llava-doctor env` as a function: what is installed, and what each RUN was written with.
 
     ``gpu``: ``auto`` | ``nvidia-smi`` | ``torch`` | ``none``; ``timeout``: seconds each child
-    probe (llava import, GPU query) may take.
+    probe (llava import, GPU query) may take; ``python``: inspect that interpreter's
+    environment (e.g. the training env's) instead of this one.
     """
     from llava_doctor.doctor import collect_targets
     from llava_doctor.envinfo import EnvOptions, gather
@@ -87,7 +88,7 @@ def env(runs: PathLike | Sequence[PathLike] = (), *, peft_version: str | None = 
     paths = [runs] if isinstance(runs, (str, Path)) else list(runs)
     return gather(collect_targets(paths) if paths else [], EnvOptions(
         peft_version=peft_version, transformers_version=transformers_version,
-        base=Path(base) if base is not None else None, gpu=gpu, timeout=timeout))
+        base=Path(base) if base is not None else None, gpu=gpu, timeout=timeout, python=python))
 
 
 def __getattr__(name: str) -> Any:

@@ -21,6 +21,7 @@ from typing import Any
 from llava_doctor.artifacts import installed, probes
 from llava_doctor.checks.base import ENVIRONMENT, all_checks
 from llava_doctor.checks.context import Context, Options
+from llava_doctor.errors import UsageError
 from llava_doctor.models import (
     DiskSpace,
     EnvReport,
@@ -77,6 +78,7 @@ class EnvOptions:
     run_target_checks: bool = True   # False under `check --env` (check runs them itself)
     select: tuple[str, ...] | None = None   # codes or prefixes, as check's --select / --ignore
     ignore: tuple[str, ...] = ()
+    python: str | None = None   # inspect this interpreter's environment instead of this one's
 
 
 @dataclass
@@ -230,21 +232,32 @@ def gather(runs: Sequence[Path | str] = (), options: EnvOptions | None = None) -
     ``options.timeout``); milliseconds when llava is absent and torch is a CPU build.
     """
     opts = options or EnvOptions()
+    version, exe = platform.python_version(), sys.executable
     path = list(opts.path if opts.path is not None else sys.path)
+    if opts.python is not None:
+        try:
+            child_path, version, exe = probes.interpreter_info(opts.python, opts.timeout)
+        except probes.ProbeFailed as e:
+            raise UsageError(f"cannot run --python {opts.python}: {e}",
+                             hint="pass the python executable of the environment to inspect, "
+                                  "e.g. /opt/conda/envs/llava/bin/python") from None
+        if opts.path is None:
+            path = child_path
     run_paths = [Path(r) for r in runs]
     packages = _packages(opts, path)
     torch: TorchBuild = installed.torch_build(path)
-    gpus: GpuQuery = probes.query_gpus(opts.gpu, torch.build, path, opts.timeout)
+    gpus: GpuQuery = probes.query_gpus(opts.gpu, torch.build, path, opts.timeout, opts.python)
     llava_pkg = next(p for p in packages if p.name == "llava")
     llava_loc = installed.module_location("llava", path)
-    llava: LlavaImport = probes.probe_llava(llava_loc or llava_pkg.location, path, opts.timeout)
+    llava: LlavaImport = probes.probe_llava(llava_loc or llava_pkg.location, path, opts.timeout,
+                                            opts.python)
     from llava_doctor.checks.preflight import memory_info
 
     total, avail = memory_info()
     versions = {p.name: p.version for p in packages}
     topts = target_options(opts, versions.get("peft"), versions.get("transformers"))
     facts = EnvReport(
-        python=platform.python_version(), python_executable=sys.executable,
+        python=version, python_executable=exe,
         platform=platform.platform(), packages=packages, torch=torch, gpus=gpus, llava=llava,
         ram_total_bytes=total, ram_available_bytes=avail, disks=_disks(run_paths),
         runs=[run_versions(p, topts) for p in run_paths])

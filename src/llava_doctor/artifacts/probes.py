@@ -71,13 +71,24 @@ print(MARKER + json.dumps({"gpus": gpus}), flush=True)
 """
 
 
+# Another interpreter's import path and version: nothing imported but the standard library, so
+# its packages' metadata can then be read from here (`llava-doctor env --python PY`).
+_INTERPRETER_SCRIPT = r"""
+import json, platform, sys
+MARKER = sys.argv[2]
+print(MARKER + json.dumps({"path": sys.path, "version": platform.python_version(),
+                           "executable": sys.executable}), flush=True)
+"""
+
+
 class ProbeFailed(Exception):
     """The child did not answer: timed out, crashed, or printed no result."""
 
 
 def run_probe(script: str, path: Sequence[str], timeout: float,
               python: str | None = None) -> dict[str, object]:
-    """Run `script` in a child interpreter with `path` as its sys.path; its JSON answer."""
+    """Run `script` in a child interpreter (default: this one) with `path` as its sys.path;
+    its JSON answer."""
     cmd = [python or sys.executable, "-c", script, json.dumps(list(path)), MARKER]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
@@ -98,13 +109,23 @@ def run_probe(script: str, path: Sequence[str], timeout: float,
     raise ProbeFailed(f"exited with status {proc.returncode}: {tail}")
 
 
-def probe_llava(location: str | None, path: Sequence[str], timeout: float) -> LlavaImport:
+def interpreter_info(python: str, timeout: float) -> tuple[list[str], str, str]:
+    """(sys.path, version, executable) of another Python; ProbeFailed when it does not run."""
+    ans = run_probe(_INTERPRETER_SCRIPT, [], timeout, python)
+    path, version, exe = ans.get("path"), ans.get("version"), ans.get("executable")
+    if not isinstance(path, list):
+        raise ProbeFailed("printed no sys.path")
+    return [str(p) for p in path], str(version), str(exe)
+
+
+def probe_llava(location: str | None, path: Sequence[str], timeout: float,
+                python: str | None = None) -> LlavaImport:
     """Try `from llava.model import LlavaLlamaForCausalLM` in a child (only when llava exists)."""
     if location is None:
         return LlavaImport(location=None)
     t0 = time.monotonic()
     try:
-        ans = run_probe(_LLAVA_SCRIPT, path, timeout)
+        ans = run_probe(_LLAVA_SCRIPT, path, timeout, python)
     except ProbeFailed as e:
         return LlavaImport(location=location, ok=None, error=f"the import probe {e}",
                            seconds=round(time.monotonic() - t0, 2))
@@ -180,9 +201,9 @@ def query_nvidia_smi(exe: str, timeout: float) -> GpuQuery:
                     gpus=visible_filter(gpus, uuids, os.environ.get("CUDA_VISIBLE_DEVICES")))
 
 
-def query_torch(path: Sequence[str], timeout: float) -> GpuQuery:
+def query_torch(path: Sequence[str], timeout: float, python: str | None = None) -> GpuQuery:
     try:
-        ans = run_probe(_TORCH_SCRIPT, path, timeout)
+        ans = run_probe(_TORCH_SCRIPT, path, timeout, python)
     except ProbeFailed as e:
         return GpuQuery(method="torch", error=f"the torch probe {e}")
     raw = ans.get("gpus")
@@ -190,7 +211,8 @@ def query_torch(path: Sequence[str], timeout: float) -> GpuQuery:
     return GpuQuery(method="torch", gpus=gpus)
 
 
-def query_gpus(method: str, torch_build: str, path: Sequence[str], timeout: float) -> GpuQuery:
+def query_gpus(method: str, torch_build: str, path: Sequence[str], timeout: float,
+               python: str | None = None) -> GpuQuery:
     """The visible GPUs. `method`: auto (nvidia-smi when on PATH, else torch in a child for a
     CUDA/ROCm build; a CPU build is not asked), nvidia-smi, torch or none."""
     if method == "none":
@@ -201,5 +223,5 @@ def query_gpus(method: str, torch_build: str, path: Sequence[str], timeout: floa
             return GpuQuery(method="nvidia-smi", error="nvidia-smi is not on PATH")
         return query_nvidia_smi(exe, timeout)
     if method == "torch" or torch_build.startswith(("cuda", "rocm")):
-        return query_torch(path, timeout)
+        return query_torch(path, timeout, python)
     return GpuQuery(method="none")

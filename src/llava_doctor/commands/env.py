@@ -35,6 +35,10 @@ def register(app: typer.Typer) -> None:
         timeout: TimeoutOpt = 60.0,
         select: SelectOpt = None,
         ignore: IgnoreOpt = None,
+        python: Annotated[str | None, typer.Option(
+            "--python", metavar="PY", help="Inspect the environment of this Python interpreter "
+                                           "(e.g. the training env's) instead of llava-doctor's "
+                                           "own.")] = None,
         strict: Annotated[bool, typer.Option("--strict", help="Warnings fail too.")] = False,
         exit_zero: Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even with findings "
                                                 "(usage errors still exit 2).")] = False,
@@ -59,7 +63,7 @@ def register(app: typer.Typer) -> None:
             report = gather(targets, EnvOptions(
                 peft_version=peft_version, transformers_version=transformers_version,
                 base=base, gpu=gpu, timeout=timeout, select=tuple(sel) if sel else None,
-                ignore=tuple(ign or ())))
+                ignore=tuple(ign or ()), python=python))
         except DoctorError as e:
             raise _fail(e) from None
         if fmt == "json":
