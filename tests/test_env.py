@@ -486,3 +486,26 @@ def test_the_transformers_446_environment() -> None:
     report = gather((), EnvOptions(python=py, gpu="none"))
     versions = {p.name: p.version for p in report.packages}
     assert (versions["transformers"], versions["peft"]) == ("4.46.3", "0.13.2")
+
+
+def test_target_only_formats_show_the_environment_as_a_target(
+        scenarios: dict[str, Path], site: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    llava_pkg(site, BROKEN_LLAMA)
+    monkeypatch.syspath_prepend(str(site))
+    run = str(scenarios["lora"])
+    with pytest.raises(SystemExit) as exc:
+        main(["check", run, "--isolated", "--fast", "--env", "--format", "github"])
+    assert exc.value.code == 1
+    out = capsys.readouterr().out
+    assert f"::error file={site / 'llava'},title=LD901 llava-import-broken::" in out
+    with pytest.raises(SystemExit):
+        main(["check", run, "--isolated", "--fast", "--env", "--format", "junit"])
+    xml = capsys.readouterr().out
+    assert '<testsuite name="environment"' in xml
+    assert '<testcase name="LD901 llava-import-broken" classname="environment"' in xml
+    assert '<testcase name="LD905 peft-cpu-half-merge" classname="environment"' in xml
+    report = gather((), opts(site))
+    assert {c.code: c.status.value for c in report.checks} == {
+        "LD901": "failed", "LD902": "skipped", "LD903": "passed", "LD904": "skipped",
+        "LD905": "skipped", "LD906": "passed"}

@@ -177,8 +177,13 @@ def check(
                 peft_version=peft_version or cfg.peft_version, base=opts.base,
                 run_target_checks=False, select=tuple(sel) if sel is not None else None,
                 ignore=tuple(ign or ())))})
-        text = RENDERERS[fmt.value](report, root=root, fail_on=threshold,
-                                    lines=json_key_lines(report),
+        shown = report
+        if report.env is not None and fmt.value not in ("text", "json"):
+            from llava_doctor.envinfo import fold_into_targets
+
+            shown = fold_into_targets(report)  # these formats know only targets
+        text = RENDERERS[fmt.value](shown, root=root, fail_on=threshold,
+                                    lines=json_key_lines(shown),
                                     color=output is None and fmt == "text" and _color(),
                                     verbose=verbose)
         if output is not None:

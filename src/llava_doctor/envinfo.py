@@ -23,6 +23,8 @@ from llava_doctor.checks.base import ENVIRONMENT, all_checks
 from llava_doctor.checks.context import Context, Options
 from llava_doctor.errors import UsageError
 from llava_doctor.models import (
+    CheckOutcome,
+    CheckStatus,
     DiskSpace,
     EnvReport,
     Finding,
@@ -30,8 +32,10 @@ from llava_doctor.models import (
     GpuQuery,
     LlavaImport,
     PackageStatus,
+    Report,
     RunVersions,
     Severity,
+    TargetResult,
     TorchBuild,
 )
 
@@ -190,18 +194,21 @@ def _wanted(code: str, opts: EnvOptions) -> bool:
     return not any(code.startswith(i.upper()) for i in opts.ignore)
 
 
-def run_env_checks(ctx: EnvContext) -> list[Finding]:
+def run_env_checks(ctx: EnvContext) -> tuple[list[Finding], list[CheckOutcome]]:
     """Every registered environment check on `ctx`; a crash is an LD000 finding, as in check."""
     from llava_doctor.checks.base import Skip
 
     checks = all_checks()
     out: list[Finding] = []
+    outcomes: list[CheckOutcome] = []
     for code, spec in checks.items():
         if spec.scope != ENVIRONMENT or not _wanted(code, ctx.options):
             continue
         try:
             hits = list(spec.fn(ctx))
-        except Skip:
+        except Skip as s:
+            outcomes.append(CheckOutcome(code=code, name=spec.name, status=CheckStatus.skipped,
+                                         reason=s.reason))
             continue
         except Exception as e:  # a bug in a check: report it, keep going
             tb = traceback.extract_tb(e.__traceback__)[-1]
@@ -215,14 +222,32 @@ def run_env_checks(ctx: EnvContext) -> list[Finding]:
                 evidence={"check": code, "exception": type(e).__name__,
                           "where": f"{Path(tb.filename).name}:{tb.lineno}"},
                 fix=FixSafety.none))
+            outcomes.append(CheckOutcome(code=code, name=spec.name, status=CheckStatus.crashed,
+                                         reason=f"{type(e).__name__}: {e}"))
             continue
+        outcomes.append(CheckOutcome(code=code, name=spec.name,
+                                     status=CheckStatus.failed if hits else CheckStatus.passed))
         for h in hits:
             target = str(h.evidence.get("run", ENV_TARGET))
             out.append(Finding(code=code, name=spec.name, severity=h.severity or spec.severity,
                                message=h.message,
                                path=str(h.path) if h.path is not None else None,
                                target=target, evidence=h.evidence, fix=h.fix or spec.fix))
-    return out
+    return out, outcomes
+
+
+def fold_into_targets(report: Report) -> Report:
+    """`report` with its environment section as one more target, "environment" (its findings
+    and check outcomes), for the formats that know only targets (SARIF, JUnit, GitHub,
+    markdown)."""
+    env = report.env
+    if env is None:
+        return report
+    target = TargetResult(path=ENV_TARGET, kind=ENV_TARGET, checks=env.checks)
+    moved = [f if f.target == ENV_TARGET else f.model_copy(update={"target": ENV_TARGET})
+             for f in env.findings]
+    return report.model_copy(update={"targets": [*report.targets, target],
+                                     "findings": [*report.findings, *moved]})
 
 
 def gather(runs: Sequence[Path | str] = (), options: EnvOptions | None = None) -> EnvReport:
@@ -261,11 +286,11 @@ def gather(runs: Sequence[Path | str] = (), options: EnvOptions | None = None) -
         platform=platform.platform(), packages=packages, torch=torch, gpus=gpus, llava=llava,
         ram_total_bytes=total, ram_available_bytes=avail, disks=_disks(run_paths),
         runs=[run_versions(p, topts) for p in run_paths])
-    findings = run_env_checks(EnvContext(facts=facts, options=opts))
+    findings, outcomes = run_env_checks(EnvContext(facts=facts, options=opts))
     if opts.run_target_checks and run_paths:
         from llava_doctor.doctor import run_checks
 
         codes = [c for c in RUN_CODES if _wanted(c, opts)]
         if codes:
             findings += run_checks(run_paths, topts, select=codes).findings
-    return facts.model_copy(update={"findings": findings})
+    return facts.model_copy(update={"findings": findings, "checks": outcomes})

@@ -165,6 +165,8 @@ class EnvReport(_Frozen):
     ram_available_bytes: int | None = None
     disks: list[DiskSpace] = Field(default_factory=list)
     runs: list[RunVersions] = Field(default_factory=list)
+    checks: list[CheckOutcome] = Field(default_factory=list, description="What each environment "
+                                       "check (LD9xx) did")
     findings: list[Finding] = Field(default_factory=list)
 
     @computed_field  # type: ignore[prop-decorator]
