@@ -464,6 +464,8 @@ def test_another_interpreters_environment(tmp_path: Path, capsys: pytest.Capture
     assert exe == py and version == ".".join(map(str, sys.version_info[:3]))
     dist(site, "transformers", "4.37.2")
     dist(site, "peft", "0.4.0")
+    dist(site, "protobuf", "4.25.3")  # not among the listed packages: looked up on PY's path
+    dist(site, "llava", "1.2.2", ("transformers==4.37.2", "protobuf==3.20.0"))
     llava_pkg(site, BROKEN_LLAMA)
     with pytest.raises(SystemExit) as exc:
         main(["env", "--python", py, "--gpu", "none", "--format", "json"])
@@ -474,7 +476,8 @@ def test_another_interpreters_environment(tmp_path: Path, capsys: pytest.Capture
     assert (got["transformers"], got["peft"], got["torch"]) == ("4.37.2", "0.4.0", None)
     assert out["llava"]["real_error"] == ("ModuleNotFoundError: No module named "
                                           "'flash_attn_missing_for_this_test'")
-    assert [f["code"] for f in out["findings"]] == ["LD901", "LD905"]
+    assert [f["code"] for f in out["findings"]] == ["LD901", "LD902", "LD905"]
+    assert out["findings"][1]["evidence"]["installed"] == {"protobuf": "4.25.3"}
 
 
 def test_the_transformers_446_environment() -> None:

@@ -91,6 +91,7 @@ class EnvContext:
 
     facts: EnvReport
     options: EnvOptions = field(default_factory=EnvOptions)
+    path: list[str] | None = None   # the import path inspected (None: sys.path)
 
     def version(self, name: str) -> str | None:
         """The version that counts for `name`: the override, else the installed one."""
@@ -101,7 +102,7 @@ class EnvContext:
         pkg = self.facts.package(name)
         if pkg is not None:
             return pkg.version
-        return installed.package_status(name, self.options.path).version
+        return installed.package_status(name, self.path).version
 
     def package_location(self, name: str) -> str | None:
         pkg = self.facts.package(name)
@@ -286,7 +287,7 @@ def gather(runs: Sequence[Path | str] = (), options: EnvOptions | None = None) -
         platform=platform.platform(), packages=packages, torch=torch, gpus=gpus, llava=llava,
         ram_total_bytes=total, ram_available_bytes=avail, disks=_disks(run_paths),
         runs=[run_versions(p, topts) for p in run_paths])
-    findings, outcomes = run_env_checks(EnvContext(facts=facts, options=opts))
+    findings, outcomes = run_env_checks(EnvContext(facts=facts, options=opts, path=path))
     if opts.run_target_checks and run_paths:
         from llava_doctor.doctor import run_checks
 

@@ -94,7 +94,7 @@ def llava_requirements_unmet(ctx: EnvContext) -> Iterable[Hit]:
     """
     if ctx.facts.llava.location is None and ctx.facts.package("llava") is None:
         raise Skip("no llava package installed")
-    reqs = requirements("llava", ctx.options.path)
+    reqs = requirements("llava", ctx.path)
     if not reqs:
         raise Skip("the llava package has no distribution metadata (a checkout on the path)")
     unmet: dict[str, str] = {}
