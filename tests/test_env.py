@@ -225,6 +225,11 @@ def test_a_hanging_import_is_a_timeout_not_a_hang(site: Path) -> None:
     assert report.llava.error == "the import probe did not finish within 2 s"
     assert codes(report) == ["LD906"]
     assert report.findings[0].severity.value == "info"
+    from llava_doctor.report.env_text import render_env_text
+
+    text = render_env_text(report)
+    assert "import not checked" in text
+    assert "\n[•] Probes and other findings\n    • LD906 env-probe-incomplete\n" in text
 
 
 def test_an_interpreter_crash_in_the_import_is_reported(site: Path) -> None:

@@ -88,7 +88,7 @@ def render_env_text(env: EnvReport, *, color: bool = False, **_: object) -> str:
                      f"{_gb(d.total_bytes)}")
     other = by_comp.get("other", [])
     if other:
-        lines.append(f"{_mark(other, color)} Probes")
+        lines.append(f"{_mark(other, color)} Probes and other findings")
         lines += _finding_lines(other, color)
     for run in env.runs:
         found = [f for f in env.findings if f.target == run.path]
