@@ -221,3 +221,78 @@ def test_llava_trainer_checkpoint_layout(scenarios: dict[str, Path], tmp_path: P
     save_file({k: torch.empty(0, dtype=v.dtype) for k, v in load_file(f).items()}, f)
     r = doctor.check_checkpoint(broken, 50)
     assert [x.code for x in r.blocking] == ["LD105"] and doctor.should_stop(r)
+
+
+# A tiny llava-hf model (what TRL's SFTTrainer fine-tunes): text-only batches are enough for the
+# Trainer to save a plain peft adapter dir, the layout the callback must handle.
+def tiny_llava_hf_peft(out: Path) -> Any:
+    """Save a tiny llava-hf base in OUT/base and return it wrapped in a LoRA (peft model).
+    Runs here and, as source, in the transformers 4.46 venv."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    torch.manual_seed(0)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=28, patch_size=14,
+                                       projection_dim=16),
+        text_config=LlamaConfig(vocab_size=128, hidden_size=16, intermediate_size=32,
+                                num_hidden_layers=2, num_attention_heads=2,
+                                num_key_value_heads=2, max_position_embeddings=64),
+        image_token_index=127)
+    LlavaForConditionalGeneration(cfg).save_pretrained(out / "base")
+    model = LlavaForConditionalGeneration.from_pretrained(out / "base")
+    return get_peft_model(model, LoraConfig(
+        r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+
+
+def test_a_llava_hf_adapter_run(tmp_path: Path) -> None:
+    """A Trainer on llava-hf saves a plain adapter dir: checked, nothing blocks, and `env`
+    reads its key layout (transformers >= 4.52 names from 4.52 on)."""
+    import llava_doctor
+    from llava_doctor.artifacts.peft_versions import parse_version
+
+    lines: list[str] = []
+    doctor = DoctorCallback(stop_on_error=True, log=lines.append)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=2, save_steps=2,
+        per_device_train_batch_size=4, report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=tiny_llava_hf_peft(tmp_path), args=args,
+                                   train_dataset=_Data(), callbacks=[doctor])
+    trainer.train()
+    assert trainer.state.global_step == 2
+    (r,) = doctor.results
+    assert r.blocking == ()
+    env = llava_doctor.env(tmp_path / "run" / "checkpoint-2", gpu="none")
+    new = parse_version(transformers.__version__) >= (4, 52, 0)
+    assert env.runs[0].key_layout == ("llava-hf>=4.52" if new else "llava-hf<4.52")
+
+
+def test_the_key_layout_of_a_transformers_446_adapter(tmp_path: Path) -> None:
+    """Under transformers 4.46 the same adapter is saved with the older names."""
+    import inspect
+    import os
+
+    from safetensors import safe_open
+
+    from llava_doctor.envinfo import adapter_key_layout
+
+    py = os.environ.get("LLAVA_DOCTOR_HF446_PYTHON")
+    if not py:
+        if os.environ.get("CI") == "true":
+            pytest.fail("LLAVA_DOCTOR_HF446_PYTHON is not set under CI")
+        pytest.skip("LLAVA_DOCTOR_HF446_PYTHON is not set")
+    script = ("import sys\nfrom pathlib import Path\nfrom typing import Any\n\n"
+              + inspect.getsource(tiny_llava_hf_peft)
+              + "\nout = Path(sys.argv[1])\ntiny_llava_hf_peft(out).save_pretrained(out / 'adapter')\n")
+    subprocess.run([py, "-c", script, str(tmp_path)], check=True, capture_output=True,
+                   timeout=600)
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert adapter_key_layout(keys) == "llava-hf<4.52"
