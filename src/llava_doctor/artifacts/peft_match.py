@@ -17,6 +17,10 @@ reference), so that the checks and the streaming merge agree with `PeftModel.fro
 
 Module names are those of the wrapped model, i.e. without peft's `base_model.model.` prefix
 (`model.layers.0.self_attn.q_proj`).
+
+Every pattern that comes from the config goes through a ``matcher`` (`bounded_re.USES` has
+the templates): `bounded_re.direct` evaluates in-process (trusted input), a
+`bounded_re.Evaluation` answers from a table computed with a time bound, for artifacts.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from llava_doctor.artifacts.bounded_re import Matcher, direct
 from llava_doctor.artifacts.peft_versions import parse_version
 
 PEFT_PREFIX = "base_model.model."
@@ -49,21 +54,24 @@ def _as_list(value: Any) -> list[str] | None:
     return list(value)
 
 
-def layer_index(module_name: str, layers_pattern: str | Iterable[str] | None = None) -> int | None:
+def layer_index(module_name: str, layers_pattern: str | Iterable[str] | None = None, *,
+                matcher: Matcher = direct) -> int | None:
     """The decoder-layer index peft reads from a module name (first numbered segment)."""
     patterns = _as_list(layers_pattern)
+    idx: str | None
     if not patterns:
         # peft: lazy `.*?` so the first index wins, not an expert index deeper down.
         m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_name)
+        idx = m.group("idx") if m is not None else None
     else:
-        m = None
+        idx = None
         for pattern in patterns:
-            m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module_name)
-            if m is not None:
+            # The first pattern that matches decides, even when its idx group took no part
+            # (a top-level `|` in the pattern): the matcher answers "" then.
+            found = matcher("layer", pattern, module_name)
+            if found is not None:
+                idx = found or None
                 break
-    if m is None:
-        return None
-    idx = m.groupdict().get("idx")
     return int(idx) if idx is not None else None
 
 
@@ -72,7 +80,8 @@ def target_matches(target_modules: str | Collection[str] | None, module_name: st
                    layers_pattern: str | Collection[str] | None = None,
                    exclude_modules: str | Collection[str] | None = None,
                    modules_to_save: Collection[str] | None = None,
-                   linear_modules: Collection[str] | None = None) -> bool:
+                   linear_modules: Collection[str] | None = None,
+                   matcher: Matcher = direct) -> bool:
     """Whether peft wraps ``module_name`` with a LoRA layer (`check_target_module_exists`).
 
     ``target_modules == "all-linear"`` is peft's shorthand, expanded at injection time to the
@@ -81,13 +90,13 @@ def target_matches(target_modules: str | Collection[str] | None, module_name: st
     """
     if exclude_modules:
         if isinstance(exclude_modules, str):
-            if re.fullmatch(exclude_modules, module_name):
+            if matcher("fullmatch", exclude_modules, module_name) is not None:
                 return False
         elif module_name in exclude_modules or any(
                 module_name.endswith(f".{k}") for k in exclude_modules):
             return False
     # peft never puts an adapter on a module it also saves whole (they would conflict).
-    if modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", module_name)
+    if modules_to_save and any(matcher("saved", m, module_name) is not None
                                for m in modules_to_save):
         return False
     if target_modules is None:
@@ -95,7 +104,7 @@ def target_matches(target_modules: str | Collection[str] | None, module_name: st
     if isinstance(target_modules, str):
         if target_modules.lower() == ALL_LINEAR:
             return linear_modules is not None and module_name in linear_modules
-        return re.fullmatch(target_modules, module_name) is not None
+        return matcher("fullmatch", target_modules, module_name) is not None
     if module_name in target_modules:
         # An exact name is taken as is: peft applies no layer filter on this path.
         return True
@@ -103,7 +112,7 @@ def target_matches(target_modules: str | Collection[str] | None, module_name: st
     using_layers = layers_to_transform is not None and (
         len(layers_to_transform) != 0 if isinstance(layers_to_transform, Collection) else True)
     if found and using_layers:
-        idx = layer_index(module_name, layers_pattern or None)
+        idx = layer_index(module_name, layers_pattern or None, matcher=matcher)
         if idx is None:
             return False
         if isinstance(layers_to_transform, int):
@@ -121,7 +130,8 @@ def _field(cfg: Any, name: str, default: Any = None) -> Any:
 
 
 def config_matches(adapter_config: Any, module_name: str,
-                   linear_modules: Collection[str] | None = None) -> bool:
+                   linear_modules: Collection[str] | None = None, *,
+                   matcher: Matcher = direct) -> bool:
     """`target_matches` with every targeting field read from an adapter config (model or dict)."""
     return target_matches(
         _field(adapter_config, "target_modules"), module_name,
@@ -129,7 +139,7 @@ def config_matches(adapter_config: Any, module_name: str,
         layers_pattern=_field(adapter_config, "layers_pattern"),
         exclude_modules=_field(adapter_config, "exclude_modules"),
         modules_to_save=_field(adapter_config, "modules_to_save"),
-        linear_modules=linear_modules)
+        linear_modules=linear_modules, matcher=matcher)
 
 
 # --- rank, alpha, scaling --------------------------------------------------------------------
@@ -138,31 +148,24 @@ def _version(peft_version: str | None) -> tuple[int, int, int] | None:
     return parse_version(peft_version) if peft_version else None
 
 
-def _match_old(key: str, module_key: str) -> bool:
-    return re.match(rf".*\.{key}$", module_key) is not None
-
-
-def _match_new(key: str, module_key: str) -> bool:
-    return re.match(rf"(.*\.)?({key})$", module_key) is not None
-
-
 def get_pattern_key(pattern_keys: Iterable[str], module_key: str,
-                    peft_version: str | None = None) -> str:
+                    peft_version: str | None = None, *, matcher: Matcher = direct) -> str:
     """The first pattern key that selects ``module_key``, else ``module_key`` itself.
 
     peft >= 0.15 (and ``peft_version=None``): ``re.match(rf"(.*\\.)?({k})$", module_key)``;
     peft 0.6-0.14: ``re.match(rf".*\\.{k}$", module_key)`` (no `^` anchoring, no bare names).
     """
     v = _version(peft_version)
-    match = _match_old if v is not None and v < (0, 15, 0) else _match_new
+    use = "key_old" if v is not None and v < (0, 15, 0) else "key_new"
     for key in pattern_keys:
-        if match(key, module_key):
+        if matcher(use, key, module_key) is not None:
             return key
     return module_key
 
 
 def effective_r_alpha(adapter_config: Any, module_key: str,
-                      peft_version: str | None = None) -> tuple[int, float]:
+                      peft_version: str | None = None, *,
+                      matcher: Matcher = direct) -> tuple[int, float]:
     """``(r, lora_alpha)`` that peft ``peft_version`` gives ``module_key`` (None: newest rules).
 
     peft < 0.6 knows no patterns; 0.6-0.13 look the first key matching among rank keys then
@@ -177,10 +180,11 @@ def effective_r_alpha(adapter_config: Any, module_key: str,
     if v is not None and v < (0, 6, 0):
         return r, alpha
     if v is not None and v < (0, 14, 0):
-        key = get_pattern_key([*rank_pattern, *alpha_pattern], module_key, peft_version)
+        key = get_pattern_key([*rank_pattern, *alpha_pattern], module_key, peft_version,
+                              matcher=matcher)
         return rank_pattern.get(key, r), alpha_pattern.get(key, alpha)
-    r_key = get_pattern_key(rank_pattern, module_key, peft_version)
-    a_key = get_pattern_key(alpha_pattern, module_key, peft_version)
+    r_key = get_pattern_key(rank_pattern, module_key, peft_version, matcher=matcher)
+    a_key = get_pattern_key(alpha_pattern, module_key, peft_version, matcher=matcher)
     return rank_pattern.get(r_key, r), alpha_pattern.get(a_key, alpha)
 
 
@@ -189,9 +193,10 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def module_scaling(adapter_config: Any, module_key: str, peft_version: str | None = None) -> float:
+def module_scaling(adapter_config: Any, module_key: str, peft_version: str | None = None, *,
+                   matcher: Matcher = direct) -> float:
     """The scaling peft applies to ``module_key``'s delta (patterns and rslora included)."""
-    r, alpha = effective_r_alpha(adapter_config, module_key, peft_version)
+    r, alpha = effective_r_alpha(adapter_config, module_key, peft_version, matcher=matcher)
     rslora = bool(_field(adapter_config, "use_rslora", False))
     v = _version(peft_version)
     if v is not None and v < (0, 8, 0):

@@ -15,6 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from llava_doctor.artifacts import peft_versions
+from llava_doctor.artifacts.bounded_re import (
+    Evaluation,
+    direct,
+    evaluate_config,
+    shorten,
+    with_ancestors,
+)
 from llava_doctor.artifacts.llava import expected_projector
 from llava_doctor.artifacts.peft_match import (
     PEFT_PREFIX,
@@ -210,6 +217,77 @@ def _target_version(ctx: Context) -> str | None:
     except ValueError:
         return None
     return v
+
+
+# Fields whose patterns decide which modules peft wraps, and those that decide rank and alpha.
+TARGETING_FIELDS = ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern")
+RANK_FIELDS = ("rank_pattern", "alpha_pattern")
+
+
+def pattern_eval(ctx: Context) -> Evaluation | None:
+    """Every regex of `adapter_config.json`, evaluated once per target with a time bound
+    (`artifacts.bounded_re`) over the module names the checks ask about: the merge-time model's
+    (and their containers, which peft walks too) and the adapter's. None without a config."""
+    if "patterns" in ctx.memo:
+        return ctx.memo["patterns"]  # type: ignore[no-any-return]
+    cfg = ctx.adapter_config
+    ev = None
+    if cfg is not None:
+        mods = module_set(ctx)
+        names = set(mods.modules) if mods is not None else set()
+        if ctx.adapter is not None:
+            names |= set(parse_adapter_keys(ctx.adapter.tensors).modules)
+        v = _target_version(ctx)
+        ev = evaluate_config(cfg, with_ancestors(names),
+                             peft_version=peft_versions.parse_version(v) if v else None)
+    ctx.memo["patterns"] = ev
+    return ev
+
+
+def _skip_if_blocked(ev: Evaluation | None, fields: Iterable[str]) -> None:
+    blocked = ev.blocked(fields) if ev is not None else None
+    if blocked is not None:
+        raise Skip(f"{blocked.describe()} (LD210)")
+
+
+# --- LD210 ---------------------------------------------------------------------------------
+
+@check("LD210", "pattern-over-budget", Severity.error)
+def pattern_over_budget(ctx: Context) -> Iterable[Hit]:
+    """A regular expression in `adapter_config.json` runs longer than its time budget.
+
+    ## What it does
+    Evaluates every pattern peft reads from `adapter_config.json` — `target_modules` and
+    `exclude_modules` given as strings, `modules_to_save` entries, `layers_pattern`, the keys
+    of `rank_pattern` and `alpha_pattern` — with peft's own templates and Python's `re`, over
+    every module name of the merge-time model, in a child process stopped after 1 s per pattern.
+    The checks that need a pattern over budget are skipped with this reason.
+
+    ## Why is this bad?
+    peft evaluates these patterns with `re` on every module name while it builds the LoRA
+    layers; a catastrophic pattern (nested quantifiers such as `(a+)+$`, `(.*)*x(.*)*y`)
+    backtracks exponentially, so `PeftModel.from_pretrained` and LLaVA's merge hang at 100% CPU
+    without a message. An artifact from an untrusted source can stall a CI job this way.
+
+    ## Example
+    `"target_modules": "^(a+)+$|(.*)*x(.*)*y(.*)*z"`.
+
+    ## Fix
+    None automatic: replace the pattern with the list of module names it was meant to select
+    (e.g. `["q_proj", "v_proj"]`), or a pattern without nested quantifiers.
+    """
+    if ctx.adapter_config is None:
+        raise Skip("no readable adapter_config.json")
+    ev = pattern_eval(ctx)
+    path = ctx.file("adapter_config.json")
+    for v in ev.over_budget if ev is not None else []:
+        yield Hit(f"{path}: {v.describe()}. The checks that need it are skipped. Replace it "
+                  "with the list of module names it was meant to select, or a pattern without "
+                  "nested quantifiers", path=path,
+                  evidence={"field": v.field, "pattern": v.pattern if len(v.pattern) <= 4096
+                            else shorten(v.pattern), "pattern_chars": len(v.pattern),
+                            "status": v.status, "budget_s": v.budget, "module_names": v.names,
+                            "template": v.use})
 
 
 # --- LD201 ---------------------------------------------------------------------------------
@@ -416,8 +494,11 @@ def target_modules_missing(ctx: Context) -> Iterable[Hit]:
                   "to the modules the adapter holds", path=path,
                   evidence={"target_modules": None})
         return
+    ev = pattern_eval(ctx)
+    _skip_if_blocked(ev, TARGETING_FIELDS)
     try:
-        matched = [n for n in mods.wrappable if config_matches(cfg, n, mods.linear)]
+        matched = [n for n in mods.wrappable
+                   if config_matches(cfg, n, mods.linear, matcher=ev or direct)]
     except re.error as e:
         yield Hit(f"{path}: target_modules {_json(cfg.target_modules)} (or an exclude_modules/"
                   f"modules_to_save entry, which peft also reads as a regex) is not a valid "
@@ -508,6 +589,8 @@ def adapter_shape_mismatch(ctx: Context) -> Iterable[Hit]:
         raise Skip("no base model resolved and config.json describes no Llama layout")
     cfg = ctx.adapter_config
     version = _target_version(ctx)
+    ev = pattern_eval(ctx)
+    slow = ev.blocked(RANK_FIELDS) if ev is not None else None
     dims: list[dict[str, Any]] = []
     ranks: list[dict[str, Any]] = []
     bad_pattern: str | None = None
@@ -525,9 +608,10 @@ def adapter_shape_mismatch(ctx: Context) -> Iterable[Hit]:
         if a is not None and b is not None and a[0] != b[1]:
             dims.append({"key": b_key, "expected": [b[0], a[0]], "actual": list(b),
                          "why": f"lora_A has rank {a[0]} but lora_B has rank {b[1]}"})
-        if cfg is not None and file_r is not None and (a_key or b_key) and bad_pattern is None:
+        if cfg is not None and file_r is not None and (a_key or b_key) and bad_pattern is None \
+                and slow is None:
             try:
-                want_r, _ = effective_r_alpha(cfg, mod.name, version)
+                want_r, _ = effective_r_alpha(cfg, mod.name, version, matcher=ev or direct)
             except re.error as e:
                 bad_pattern = str(e)
                 want_r = file_r
@@ -541,6 +625,8 @@ def adapter_shape_mismatch(ctx: Context) -> Iterable[Hit]:
             if got != tuple(want) and not (len(got) == 1 and got == (0,)):
                 dims.append({"key": key, "expected": list(want), "actual": list(got),
                              "why": f"{mod.name} is {_shape(info.shape or ())} in {mods.source}"})
+    if slow is not None and not dims:
+        raise Skip(f"{slow.describe()} (LD210); the ranks cannot be compared")
     if dims:
         d = dims[0]
         peft_key = _with_adapter_name(d["key"])
@@ -813,6 +899,8 @@ def adapter_keys_unmatched(ctx: Context) -> Iterable[Hit]:
     if mods is None:
         raise Skip("no base model resolved and config.json describes no Llama layout")
     cfg = ctx.adapter_config
+    ev = pattern_eval(ctx)
+    _skip_if_blocked(ev, TARGETING_FIELDS)
     parsed = parse_adapter_keys(ad.tensors)
     missing: list[str] = []       # module absent from the base
     untargeted: list[str] = []    # module present, but target_modules does not select it
@@ -829,7 +917,7 @@ def adapter_keys_unmatched(ctx: Context) -> Iterable[Hit]:
             continue
         if lora_keys and cfg is not None and cfg.target_modules is not None:
             try:
-                targeted = config_matches(cfg, mod.name, mods.linear)
+                targeted = config_matches(cfg, mod.name, mods.linear, matcher=ev or direct)
             except re.error:
                 targeted = True  # an invalid regex is LD202's finding
             if not targeted or info.kind == "norm":

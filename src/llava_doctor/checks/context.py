@@ -61,6 +61,9 @@ class Context:
     file_errors: dict[Path, DoctorError] = field(default_factory=dict)
     _tensor_cache: dict[tuple[Path, str], Any] = field(default_factory=dict, repr=False)
     _stats_cache: dict[Path, dict[str, TensorStats]] = field(default_factory=dict, repr=False)
+    # Results several checks share that are costly or bounded in time (e.g. the evaluation of
+    # the config's regex patterns, which may take a budget): computed once per target.
+    memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # --- the target -------------------------------------------------------------------------
     @cached_property

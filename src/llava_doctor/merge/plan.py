@@ -20,11 +20,19 @@ the base nor non_lora_trainables has a projector.
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from llava_doctor.artifacts.bounded_re import (
+    Evaluation,
+    config_patterns,
+    evaluate,
+    with_ancestors,
+)
 from llava_doctor.artifacts.llava import projector_keys
 from llava_doctor.artifacts.model_dir import ModelDir
 from llava_doctor.artifacts.peft_match import (
@@ -33,7 +41,7 @@ from llava_doctor.artifacts.peft_match import (
     module_scaling,
     parse_adapter_keys,
 )
-from llava_doctor.artifacts.peft_versions import FIELDS, non_default_math_fields
+from llava_doctor.artifacts.peft_versions import FIELDS, non_default_math_fields, parse_version
 from llava_doctor.artifacts.tensors import FLOAT_DTYPES, TORCH_TO_ST, TensorInfo, dtype_size
 from llava_doctor.artifacts.weights import WeightFile
 from llava_doctor.errors import DoctorError, MergeError, UsageError
@@ -50,6 +58,7 @@ _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
           "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
 # Model types whose linear layers are transformers' Conv1D, stored (in, out).
 CONV1D_MODEL_TYPES = frozenset({"gpt2"})
+FLOAT32_MAX = 3.4028234663852886e38
 # Buffers transformers never saves (non-persistent since 4.3x) and recomputes at load.
 _DROP = re.compile(r"\.rotary_emb\.inv_freq$")
 
@@ -351,6 +360,9 @@ def build_plan(inputs: MergeInputs, *, dtype: str = "float16", max_shard_size: i
         notes.append("adapter_config.json sets fan_in_fan_out, which peft ignores for nn.Linear "
                      "layers (it applies to GPT-2's Conv1D only); merged as peft does, without it")
     version = acfg.get("peft_version") if isinstance(acfg.get("peft_version"), str) else None
+    matcher = _rank_patterns(acfg, akeys.modules, version, apath)
+    if matcher.peft_version is None:
+        version = None  # unreadable: the newest rules, as the checks assume
     ainfo = inputs.adapter.tensors
 
     def full(key: str, name: str) -> None:
@@ -391,7 +403,7 @@ def build_plan(inputs: MergeInputs, *, dtype: str = "float16", max_shard_size: i
                 raise _refuse(f"LoRA matrices of '{module}' have shapes {list(A.shape)} and "
                               f"{list(B.shape)}, which do not multiply", path=apath,
                               hint="conv or otherwise reshaped LoRAs cannot be merged here (LD206)")
-            r, alpha = effective_r_alpha(acfg, module, version)
+            r, alpha = effective_r_alpha(acfg, module, version, matcher=matcher)
             if A.shape[0] != r:
                 raise _refuse(f"lora_A of '{module}' has rank {A.shape[0]} but adapter_config.json "
                               f"gives r={r} for it (r / rank_pattern), so peft would refuse to "
@@ -399,7 +411,7 @@ def build_plan(inputs: MergeInputs, *, dtype: str = "float16", max_shard_size: i
                               "it", path=apath, hint="restore the adapter_config.json of this run "
                                                      "(LD203)")
             spec = LoraSpec(module=module, kind=kind, a=a, b=b, r=r, alpha=float(alpha),
-                            scaling=module_scaling(acfg, module, version),
+                            scaling=_scaling(acfg, module, version, matcher, apath),
                             fan_in_fan_out=fifo and kind == "linear",
                             magnitude=am.magnitude if use_dora else None)
             tshape = targets[target].info.shape
@@ -437,7 +449,7 @@ def build_plan(inputs: MergeInputs, *, dtype: str = "float16", max_shard_size: i
                 raise _refuse(f"'{am.lora_bias}' needs a base bias '{target}', which the base "
                               "lacks (peft raises the same)", path=apath,
                               hint="lora_bias adapters need a base with biases")
-            scaling = module_scaling(acfg, module, version)
+            scaling = _scaling(acfg, module, version, matcher, apath)
             if targets[target].info.shape != ainfo[am.lora_bias].shape:
                 raise _refuse(f"'{am.lora_bias}' does not match '{target}' in shape", path=apath,
                               hint="pass the base the LoRA was trained on (LD203)")
@@ -488,6 +500,55 @@ def build_plan(inputs: MergeInputs, *, dtype: str = "float16", max_shard_size: i
                      dropped=dropped, notes=tuple(notes),
                      vocab_rows=embed.info.shape[0] if embed is not None else None,
                      renamed=renamed)
+
+
+@dataclass(frozen=True)
+class _PatternMatcher:
+    """The rank/alpha pattern keys evaluated with a time bound over the adapter's modules."""
+
+    ev: Evaluation
+    peft_version: tuple[int, int, int] | None
+
+    def __call__(self, use: str, pattern: str, name: str) -> str | None:
+        return self.ev(use, pattern, name)
+
+
+def _rank_patterns(acfg: dict[str, Any], modules: Iterable[str], version: str | None,
+                   apath: Path) -> _PatternMatcher:
+    """Evaluate rank_pattern/alpha_pattern keys as peft would, refusing one over budget (LD210)
+    or invalid (peft raises re.error) before any output is planned."""
+    try:
+        v = parse_version(version) if version else None
+    except ValueError:
+        v = None
+    uses = [u for u in config_patterns(acfg, v) if u.field in ("rank_pattern", "alpha_pattern")]
+    names = with_ancestors(modules)
+    ev = evaluate(uses, names) if uses else Evaluation(names=frozenset(names))
+    cfg_path = apath.parent / "adapter_config.json"
+    for verdict in ev.verdicts.values():
+        if verdict.status in ("over-budget", "not-evaluated"):
+            raise _refuse(f"{verdict.describe()} (LD210)", path=cfg_path,
+                          hint="replace the pattern with the module names it was meant to select")
+        if verdict.status == "invalid":
+            raise _refuse(f"{verdict.describe()}: peft fails with re.error", path=cfg_path,
+                          hint="correct the pattern (LD203)")
+    return _PatternMatcher(ev, v)
+
+
+def _scaling(acfg: dict[str, Any], module: str, version: str | None, matcher: _PatternMatcher,
+             apath: Path) -> float:
+    """peft's scaling for ``module``, refused when a float32 delta cannot hold it (LD205)."""
+    r, alpha = effective_r_alpha(acfg, module, version, matcher=matcher)
+    try:
+        scaling = module_scaling(acfg, module, version, matcher=matcher)
+    except (ZeroDivisionError, ValueError, TypeError, OverflowError):
+        scaling = math.nan
+    if not math.isfinite(scaling) or abs(scaling) > FLOAT32_MAX:
+        raise _refuse(f"the LoRA scaling of '{module}' (lora_alpha {alpha!r}, r {r!r}) is "
+                      f"{scaling!r}, beyond float32's range: every nonzero delta would be inf or "
+                      "NaN (LD205)", path=apath.parent / "adapter_config.json",
+                      hint="restore adapter_config.json's r and lora_alpha from the training run")
+    return scaling
 
 
 def _shard(tensors: list[PlannedTensor], max_shard_size: int) -> list[PlannedShard]:
