@@ -38,6 +38,10 @@ def read_json(path: Path | str) -> dict[str, Any]:
         raise FileCorruptError(f"is not valid JSON (line {e.lineno} column {e.colno}: {e.msg})",
                                path=path, rule="invalid-json",
                                hint="restore the file from the training output") from None
+    except ValueError as e:  # an integer literal of more than 4300 digits
+        raise FileCorruptError(f"holds a number Python refuses to read ({e})", path=path,
+                               rule="invalid-json",
+                               hint="restore the file from the training output") from None
     except RecursionError:
         raise FileCorruptError("JSON nests too deeply to be a config", path=path,
                                rule="invalid-json") from None
@@ -142,16 +146,55 @@ class GenerationConfig(_View):
 
 _V = TypeVar("_V", bound=_View)
 
+#: The largest value a model config may declare for each size, about an order of magnitude
+#: beyond any released model (Llama-3.1-405B: hidden 16,384, 126 layers, vocab 128,256;
+#: Gemma: vocab 256,000). Sizes drive loops and allocations (the module list of a model
+#: described only by its config, shapes, memory estimates), so a value outside 1..limit is a
+#: finding about the file (LD501), never work. Whether an in-range size is the right one is
+#: told by the files: the base's tensors (LD402, LD403), the projector's (LD304).
+SIZE_LIMITS: dict[str, int] = {
+    "hidden_size": 1 << 18, "intermediate_size": 1 << 20, "num_hidden_layers": 1 << 12,
+    "num_attention_heads": 1 << 14, "num_key_value_heads": 1 << 14, "vocab_size": 1 << 24,
+    "mm_hidden_size": 1 << 18, "head_dim": 1 << 16,
+}
+
+
+def size_problem(data: dict[str, Any]) -> str | None:
+    """The first declared size outside `SIZE_LIMITS`, described; also inside `text_config`
+    and `vision_config` (llava-hf). None when every size is a whole number in range."""
+    for where, src in (("", data), ("text_config.", data.get("text_config")),
+                       ("vision_config.", data.get("vision_config"))):
+        if not isinstance(src, dict):
+            continue
+        for key, limit in SIZE_LIMITS.items():
+            value = src.get(key)
+            if value is None:
+                continue
+            whole = isinstance(value, int) and not isinstance(value, bool) or (
+                isinstance(value, float) and value.is_integer())
+            if not whole or not 1 <= value <= limit:
+                shown = json.dumps(value) if not isinstance(value, int) or value < 10**30 \
+                    else f"a {len(str(value)):,}-digit number"
+                return (f"{where}{key} is {shown}, outside any model's range (a whole number "
+                        f"from 1 to {limit:,})")
+    return None
+
 
 def _load_view(cls: type[_V], path: Path | str, hint: str | None) -> _V:
-    """Parse a JSON config into its typed view; a field of the wrong type is LD501, like bad
-    JSON, rather than a crash of every check that reads the config."""
+    """Parse a JSON config into its typed view; a field of the wrong type or a size out of any
+    model's range is LD501, like bad JSON, rather than a crash, a hang or an allocation in
+    every check that reads the config."""
     data = read_json(path)
     try:
-        return cls.model_validate(data)
+        view = cls.model_validate(data)
     except Exception as e:  # pydantic ValidationError
         raise FileCorruptError(f"has a field of the wrong type ({_first_error(e)})", path=path,
                                rule="invalid-config", hint=hint) from None
+    problem = size_problem(data) if cls is ModelConfig else None
+    if problem is not None:
+        raise FileCorruptError(f"declares a size no model has: {problem}", path=path,
+                               rule="size-out-of-range", hint=hint)
+    return view
 
 
 def load_model_config(path: Path | str) -> ModelConfig:

@@ -14,6 +14,24 @@ from dataclasses import dataclass
 CANONICAL_NON_LORA_PREFIX = "base_model.model.model."
 PROJECTOR_PREFIX = "model.mm_projector."
 _MLP = re.compile(r"^mlp(\d+)x_gelu$")
+#: Deepest `mlp{N}x_gelu` (and most `_res{M}x` blocks) a structure is built for. LLaVA's
+#: projectors are 1-3 Linear layers deep; a config declaring more than this cannot match any
+#: projector file (each layer is two keys), and building its layout would be work driven by a
+#: number nobody checked (`mlp100000000x_gelu`): such a type gets no layout, and the checks
+#: report the declared depth against the keys the files hold.
+MAX_PROJECTOR_DEPTH = 256
+
+
+def declared_depth(ptype: str) -> int | None:
+    """The layer count `mlp{N}x_gelu` / `mlp{N}x_res{M}x_gelu` declare (N + M), None for other
+    types. Read from the digits' length first, so a 10,000-digit N costs nothing."""
+    m = _MLP.match(ptype) or _MLP_RES.match(ptype)
+    if m is None:
+        return None
+    digits = [g for g in m.groups() if g is not None]
+    if any(len(d) > 9 for d in digits):
+        return 10 ** max(len(d) for d in digits)  # a lower bound is all the checks need
+    return sum(int(d) for d in digits)
 
 
 def get_model_name_from_path(model_path: str) -> str:
@@ -65,7 +83,10 @@ def projector_layout(ptype: str, hidden: int, mm_hidden: int) -> ProjectorShape 
         return ProjectorShape(ptype, {})
     m = _MLP.match(ptype)
     if m:
-        depth = int(m.group(1))
+        if (declared_depth(ptype) or 0) > MAX_PROJECTOR_DEPTH:
+            return None
+        # LLaVA's builder makes one Linear, then one more per depth step: mlp0x is mlp1x.
+        depth = max(int(m.group(1)), 1)
         keys: dict[str, tuple[int, ...]] = {}
         for i in range(depth):
             keys[f"{2 * i}.weight"] = (hidden, mm_hidden if i == 0 else hidden)
@@ -127,9 +148,9 @@ def expected_projector(ptype: str, hidden: int, mm_hidden: int
         return {"conv_pool.weight": (h, c, 2, 2), "conv_pool.bias": (h,),
                 "proj.1.weight": (h, h), "proj.1.bias": (h,)}
     m = _MLP_RES.match(ptype)
-    if m is None:
+    if m is None or (declared_depth(ptype) or 0) > MAX_PROJECTOR_DEPTH:
         return None
-    depth, res = int(m.group(1)), int(m.group(2))
+    depth, res = max(int(m.group(1)), 1), int(m.group(2))
     out = dict(projector_layout(f"mlp{depth}x_gelu", h, c).keys)  # type: ignore[union-attr]
     # NeXT appends SimpleResBlock(H) modules after the MLP: Sequential indices 2N-1 ... 2N-2+M.
     for j in range(2 * depth - 1, 2 * depth - 1 + res):

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from llava_doctor.artifacts.llava import (
+    MAX_PROJECTOR_DEPTH,
     LlavaParams,
     builder_rewrite,
     canonical_non_lora_key,
     canonical_param_name,
+    declared_depth,
     expected_projector,
     projector_keys,
     projector_type_of,
@@ -141,6 +143,11 @@ def _shape(s: Iterable[object]) -> str:
     return "[" + ", ".join(str(d) for d in s) + "]"
 
 
+def shown(text: str, limit: int = 60) -> str:
+    """A declared string as a message quotes it (a 10,000-digit type name is cut)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def _rewrite_hint(key: str, rewritten: str) -> str:
     return f"'{key}'" if key == rewritten else f"'{key}' (LLaVA loads it as '{rewritten}')"
 
@@ -187,11 +194,20 @@ def projector_type_mismatch(ctx: Context) -> Iterable[Hit]:
     want = expected_projector(declared, 1, 1)
     if want is not None and set(keys) < set(want):
         return  # part of the declared structure: LD302 names the missing keys
-    if inferred is None and want is None:
+    depth = declared_depth(declared)
+    too_deep = depth is not None and depth > MAX_PROJECTOR_DEPTH
+    if inferred is None and want is None and not too_deep:
         return  # neither is a structure we know: nothing to compare
     cfg_path = ctx.path / "config.json"
-    stated = f"'{declared}'" if explicit else f"absent, so LLaVA's default '{declared}'"
-    if want is None:
+    stated = f"'{shown(declared)}'" if explicit else f"absent, so LLaVA's default '{declared}'"
+    if too_deep:
+        layers = len({k.split(".", 1)[0] for k in keys if k.split(".", 1)[0].isdigit()})
+        effect = (f"that declares a {'more than ' if len(declared) > 20 else ''}{depth:,}-layer "
+                  f"projector (over {MAX_PROJECTOR_DEPTH}, far beyond any LLaVA projector) while "
+                  f"the weights hold {layers or 1} layer(s): LLaVA's builder would try to "
+                  "allocate that many hidden_size x hidden_size layers and run out of memory, "
+                  "or drop these weights")
+    elif want is None:
         effect = f"LLaVA's builder raises `ValueError: Unknown projector type: {declared}`"
     else:
         effect = (f"LLaVA builds a {declared} projector and loads these weights with "
@@ -202,7 +218,8 @@ def projector_type_mismatch(ctx: Context) -> Iterable[Hit]:
               if inferred else "find the projector that belongs to this run")
     yield Hit(f"{cfg_path}: mm_projector_type is {stated}, but the projector weights in {src} "
               f"are {found} (keys {_keys(keys)}); {effect}. {remedy}", path=cfg_path,
-              evidence={"file": str(cfg_path), "field": "mm_projector_type", "actual": declared,
+              evidence={"file": str(cfg_path), "field": "mm_projector_type",
+                        "actual": declared if len(declared) <= 256 else shown(declared),
                         "explicit": explicit, "expected": inferred, "weights": str(src),
                         "keys": sorted(keys)},
               fix=FixSafety.safe if inferred else FixSafety.none)
