@@ -30,7 +30,7 @@ def declared_depth(ptype: str) -> int | None:
         return None
     digits = [g for g in m.groups() if g is not None]
     if any(len(d) > 9 for d in digits):
-        return 10 ** max(len(d) for d in digits)  # a lower bound is all the checks need
+        return 10 ** (max(len(d) for d in digits) - 1)  # a lower bound is all that is needed
     return sum(int(d) for d in digits)
 
 

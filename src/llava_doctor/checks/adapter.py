@@ -669,6 +669,127 @@ def _with_adapter_name(key: str) -> str:
     return key
 
 
+# --- the LoRA scaling: finite, and within the output dtype --------------------------------------
+
+#: float32's largest finite value: peft multiplies the delta by the scaling in the weights'
+#: float type (float32 arithmetic for fp16/bf16/fp32 weights), as the streaming merge does.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+@dataclass(frozen=True)
+class ModuleScale:
+    """The scaling peft gives one LoRA module (``module`` None: the config's own r/alpha)."""
+
+    module: str | None
+    r: Any
+    alpha: Any
+    rslora: bool
+    scaling: float  # NaN when peft's formula has no value (r = 0, sqrt of a negative r, ...)
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.scaling) and abs(self.scaling) <= FLOAT32_MAX
+
+    def formula(self) -> str:
+        den = f"sqrt({_num(self.r)})" if self.rslora else _num(self.r)
+        return f"lora_alpha / {'sqrt(r)' if self.rslora else 'r'} = {_num(self.alpha)} / {den}"
+
+
+def _num(x: Any) -> str:
+    if isinstance(x, int) and not isinstance(x, bool) and abs(x) >= 10**30:
+        return f"a {len(str(abs(x))):,}-digit number"
+    return repr(x) if isinstance(x, float) else str(x)
+
+
+def _scale_of(r: Any, alpha: Any, rslora: bool) -> float:
+    try:
+        value = lora_scaling(r, alpha, rslora)
+        return float(value)
+    except (ZeroDivisionError, ValueError, OverflowError, TypeError):
+        return math.nan
+
+
+def lora_scales(ctx: Context) -> list[ModuleScale]:
+    """peft's scaling for every LoRA module of the adapter (r/alpha patterns and rslora under
+    the target peft's rules), or for the config's r/lora_alpha without a readable adapter.
+
+    Raises Skip without a config, or when a rank/alpha pattern is over its time budget.
+    """
+    cfg = ctx.adapter_config
+    if cfg is None:
+        raise Skip("no readable adapter_config.json")
+    if cfg.r is None or cfg.lora_alpha is None:
+        raise Skip("adapter_config.json has no r or lora_alpha")
+    version = _target_version(ctx)
+    v = peft_versions.parse_version(version) if version else None
+    rslora = bool(cfg.use_rslora) and (v is None or v >= (0, 8, 0))
+    ev = pattern_eval(ctx)
+    _skip_if_blocked(ev, RANK_FIELDS)
+    modules = []
+    if ctx.adapter is not None:
+        modules = [m.name for m in parse_adapter_keys(ctx.adapter.tensors).modules.values()
+                   if m.is_lora or m.is_embedding_lora]
+    out = []
+    for name in modules:
+        try:
+            r, alpha = effective_r_alpha(cfg, name, version, matcher=ev or direct)
+        except re.error:
+            continue  # an invalid pattern is LD202/LD203's finding
+        out.append(ModuleScale(name, r, alpha, rslora, _scale_of(r, alpha, rslora)))
+    if not out:
+        out.append(ModuleScale(None, cfg.r, cfg.lora_alpha, rslora,
+                               _scale_of(cfg.r, cfg.lora_alpha, rslora)))
+    return out
+
+
+@dataclass(frozen=True)
+class DeltaBound:
+    """An upper bound on |scaling * B @ A| (or |scaling * lora_B.bias|) of one module, from
+    the largest magnitudes of its tensors: |sum_k B_ik A_kj| <= r * max|B| * max|A|."""
+
+    module: str
+    key: str
+    bound: float
+    scaling: float
+    rank: int
+    max_b: float
+    max_a: float | None  # None for a LoRA bias (scaling * max|bias|)
+
+
+def delta_bounds(ctx: Context) -> list[DeltaBound]:
+    """`DeltaBound` of every plain-LoRA module whose scaling is finite (values are read).
+
+    DoRA modules are left out: the magnitude vector renormalises the sum, so this bound does
+    not hold for them.
+    """
+    ad = ctx.adapter
+    if ad is None:
+        return []
+    scales = {s.module: s for s in lora_scales(ctx) if s.module is not None and s.finite}
+    stats = ctx.all_stats(ad)
+    out = []
+    for mod in parse_adapter_keys(ad.tensors).modules.values():
+        sc = scales.get(mod.name)
+        a_key, b_key = mod.A or mod.embedding_A, mod.B or mod.embedding_B
+        if sc is None or mod.magnitude or a_key is None or b_key is None:
+            continue
+        a, b = ad.tensors[a_key], ad.tensors[b_key]
+        if len(a.shape) != 2 or a.dtype not in FLOAT_DTYPES or b.dtype not in FLOAT_DTYPES:
+            continue
+        sa, sb = stats.get(a_key), stats.get(b_key)
+        if sa is None or sb is None:
+            continue
+        rank = a.shape[0]
+        s = abs(sc.scaling)
+        out.append(DeltaBound(mod.name, b_key, s * rank * sb.max_abs * sa.max_abs, sc.scaling,
+                              rank, sb.max_abs, sa.max_abs))
+        if mod.lora_bias and mod.lora_bias in stats:
+            sbias = stats[mod.lora_bias]
+            out.append(DeltaBound(mod.name, mod.lora_bias, s * sbias.max_abs, sc.scaling, rank,
+                                  sbias.max_abs, None))
+    return out
+
+
 # --- LD204 / LD205: values -------------------------------------------------------------------
 
 @check("LD204", "adapter-untrained", Severity.warning)
@@ -727,24 +848,56 @@ def nonfinite_weights(ctx: Context) -> Iterable[Hit]:
     """NaN or Inf values in the adapter, `non_lora_trainables.bin` or the stage-1 projector.
 
     ## What it does
-    Reads every floating-point tensor of those files (one streaming pass shared with the other
-    value checks) and names each tensor holding NaN or Inf. Skipped with `--fast`.
+    Computes the scaling peft gives every LoRA module (`lora_alpha / r`, rslora's
+    `lora_alpha / sqrt(r)`, with `rank_pattern`/`alpha_pattern`) and reports one that is NaN,
+    infinite or beyond float32's range (also with `--fast`). Then reads every floating-point
+    tensor of those files (one streaming pass shared with the other value checks) and names
+    each tensor holding NaN or Inf (skipped with `--fast`).
 
     ## Why is this bad?
     A single NaN in `lora_B` spreads through `B @ A` into a whole merged weight; peft's
     `safe_merge` stops with `NaNs detected in the merged weights`, the default merge writes them
     and the model then fails with `probability tensor contains either inf, nan or element < 0`.
+    A scaling of `1e308 / 8` multiplies every delta into `inf` the same way, and `r: 0` has no
+    scaling at all.
 
     ## Example
-    A run whose loss went to NaN in its last steps before the final save.
+    A run whose loss went to NaN in its last steps before the final save; a hand-edited
+    `"lora_alpha": 1e308`.
 
     ## Fix
-    None automatic: use an earlier checkpoint whose weights are finite.
+    None automatic: use an earlier checkpoint whose weights are finite, or restore `r` and
+    `lora_alpha` from the training run.
     """
+    try:
+        scales = lora_scales(ctx)
+    except Skip:
+        scales = []
+    bad_scale = [s for s in scales if not s.finite]
+    if bad_scale:
+        s0 = bad_scale[0]
+        acfg = ctx.file("adapter_config.json")
+        what = "has no value" if math.isnan(s0.scaling) else (
+            "is infinite" if math.isinf(s0.scaling) else
+            f"is {s0.scaling:.4g}, beyond float32's range ({FLOAT32_MAX:.4g})")
+        where = (f"{len(bad_scale)} LoRA module(s), e.g. '{s0.module}'" if s0.module is not None
+                 else "every LoRA module")
+        yield Hit(f"{acfg}: the LoRA scaling of {where}, {s0.formula()}, {what}: peft's merge "
+                  "multiplies every delta B @ A by it in float32, so the merged weights would be "
+                  "inf or NaN. Restore r and lora_alpha (and rank_pattern/alpha_pattern) from "
+                  "the training run", path=acfg,
+                  evidence={"scaling": repr(s0.scaling), "r": _num(s0.r),
+                            "lora_alpha": _num(s0.alpha), "use_rslora": s0.rslora,
+                            "modules": [s.module for s in bad_scale[:_SHOW]],
+                            "count": len(bad_scale)})
     if not ctx.read_values:
+        if bad_scale:
+            return
         raise Skip("--fast: tensor values are not read")
     files = [wf for wf in (ctx.adapter, ctx.non_lora, ctx.projector) if wf is not None]
     if not files:
+        if bad_scale:
+            return
         raise Skip("no readable adapter, non_lora_trainables.bin or projector file")
     for wf in files:
         stats = ctx.all_stats(wf)

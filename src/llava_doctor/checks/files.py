@@ -7,6 +7,7 @@ from pathlib import Path
 
 from llava_doctor.artifacts.configs import read_json
 from llava_doctor.artifacts.discovery import PROJECTOR
+from llava_doctor.artifacts.tensor_stats import FP16_MAX
 from llava_doctor.artifacts.tensors import FLOAT_DTYPES
 from llava_doctor.checks.base import Hit, Skip, check
 from llava_doctor.checks.context import Context
@@ -20,6 +21,8 @@ def read_everything(ctx: Context) -> None:
     """Read every header this target involves, so that each broken file is recorded once."""
     for name in JSON_FILES:
         ctx._read(ctx.file(name), read_json)
+    # The typed views also validate field types and declared sizes.
+    _ = ctx.config, ctx.adapter_config
     for p in [*ctx.adapter_paths, ctx.non_lora_path, ctx.file(PROJECTOR),
               ctx.projector_resolved.path]:
         ctx.weight(p)
@@ -91,20 +94,27 @@ def dtype_risk(ctx: Context) -> Iterable[Hit]:
 
     ## What it does
     Reads the adapter, `non_lora_trainables.bin` and the stage-1 projector and looks for finite
-    values whose magnitude exceeds float16's maximum (65504). Skipped with `--fast`.
+    values whose magnitude exceeds float16's maximum (65504). For every LoRA module it also
+    bounds the merged delta from the largest magnitudes already scanned:
+    `|scaling * B @ A| <= |scaling| * r * max|B| * max|A|` (and `|scaling| * max|lora_B.bias|`),
+    and reports a module whose bound exceeds float16's range (an error beyond float32's). Skipped
+    with `--fast`.
 
     ## Why is this bad?
     LLaVA's builder hard-codes float16; such values become `inf` and the merged model produces
-    `probability tensor contains either inf, nan or element < 0`.
+    `probability tensor contains either inf, nan or element < 0`. A scaling far above the usual
+    `lora_alpha / r` of 0.5-4 does the same to the merged weights.
 
     ## Example
-    A projector trained in bf16 whose bias grew past 65504.
+    A projector trained in bf16 whose bias grew past 65504; `"lora_alpha": 1e9` with `r: 8`.
 
     ## Fix
-    None automatic: merge with `llava-doctor merge --dtype bfloat16` (or float32).
+    None automatic: merge with `llava-doctor merge --dtype bfloat16` (or float32); for a
+    scaling, restore `lora_alpha` and `r` from the training run.
     """
     if not ctx.read_values:
         raise Skip("--fast: tensor values are not read")
+    yield from _delta_overflow(ctx)
     for wf in (ctx.adapter, ctx.non_lora, ctx.projector):
         if wf is None:
             continue
@@ -119,6 +129,36 @@ def dtype_risk(ctx: Context) -> Iterable[Hit]:
                       "turns them into inf. Merge with `llava-doctor merge --dtype bfloat16`",
                       path=wf.path, evidence={"tensors": [w[0] for w in worst[:20]],
                                               "max_abs": mx})
+
+
+def _delta_overflow(ctx: Context) -> Iterable[Hit]:
+    from llava_doctor.checks.adapter import FLOAT32_MAX, delta_bounds
+
+    try:
+        bounds = delta_bounds(ctx)
+    except Skip:
+        return
+    risky = sorted((b for b in bounds if b.bound > FP16_MAX), key=lambda b: -b.bound)
+    if not risky:
+        return
+    w = risky[0]
+    acfg = ctx.file("adapter_config.json")
+    factors = (f"|scaling| {abs(w.scaling):.4g} x rank {w.rank} x max|B| {w.max_b:.4g} x "
+               f"max|A| {w.max_a:.4g}" if w.max_a is not None
+               else f"|scaling| {abs(w.scaling):.4g} x max|lora_B.bias| {w.max_b:.4g}")
+    beyond32 = w.bound > FLOAT32_MAX
+    reach = "beyond float32's range too" if beyond32 else "beyond float16's 65504"
+    effect = ("even a float32 merge may write inf" if beyond32 else
+              "a float16 merge (LLaVA's default) may turn merged weights into inf")
+    yield Hit(f"{ctx.adapter.path if ctx.adapter else acfg}: the LoRA delta scaling * B @ A of "
+              f"{len(risky)} module(s) can reach up to {w.bound:.4g} ({factors} for "
+              f"'{w.module}'), {reach}: {effect}. Check lora_alpha and r in {acfg} against the "
+              "training run" + ("" if beyond32 else ", or merge with `llava-doctor merge "
+                                "--dtype bfloat16`"),
+              path=acfg, severity=Severity.error if beyond32 else None,
+              evidence={"modules": {b.module: b.bound for b in risky[:20]}, "count": len(risky),
+                        "scaling": w.scaling, "rank": w.rank, "max_b": w.max_b,
+                        "max_a": w.max_a, "bound": w.bound})
 
 
 @check("LD504", "lfs-pointer", Severity.error, needs_lora=False)

@@ -200,11 +200,12 @@ def projector_type_mismatch(ctx: Context) -> Iterable[Hit]:
         return  # neither is a structure we know: nothing to compare
     cfg_path = ctx.path / "config.json"
     stated = f"'{shown(declared)}'" if explicit else f"absent, so LLaVA's default '{declared}'"
-    if too_deep:
+    if depth is not None and too_deep:
         layers = len({k.split(".", 1)[0] for k in keys if k.split(".", 1)[0].isdigit()})
-        effect = (f"that declares a {'more than ' if len(declared) > 20 else ''}{depth:,}-layer "
-                  f"projector (over {MAX_PROJECTOR_DEPTH}, far beyond any LLaVA projector) while "
-                  f"the weights hold {layers or 1} layer(s): LLaVA's builder would try to "
+        count = f"{depth:,}" if depth < 10**12 else f"at least 10^{int(math.log10(depth))}"
+        effect = (f"that declares {count} projector layers (over {MAX_PROJECTOR_DEPTH}, far "
+                  f"beyond any LLaVA projector) while the weights hold {layers or 1} layer(s): "
+                  "LLaVA's builder would try to "
                   "allocate that many hidden_size x hidden_size layers and run out of memory, "
                   "or drop these weights")
     elif want is None:
