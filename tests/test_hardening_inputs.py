@@ -117,3 +117,53 @@ def test_symlink_loop_and_outside_links(victim: Path, scenarios: dict[str, Path]
     (d / "config.json").unlink()
     (d / "config.json").symlink_to(d / "config.json")  # self-loop where a file should be
     assert_survives(d, scenarios["base-vicuna"])
+
+
+# --- extreme declared numbers (every numeric field the checks read) ----------------------------
+
+def _extreme_cases() -> list[tuple[str, str, str]]:
+    from hostile_numbers import every_case
+
+    return every_case(core_only=True)
+
+
+@pytest.mark.parametrize("fname,field,token", _extreme_cases(),
+                         ids=[f"{f}:{k}={v[:12]}" for f, k, v in _extreme_cases()])
+def test_extreme_numbers_in_configs(victim: Path, scenarios: dict[str, Path], fname: str,
+                                    field: str, token: str) -> None:
+    from hostile_numbers import with_number
+
+    path = victim / fname
+    original = path.read_bytes()
+    _mutate(path, original, with_number(original.decode(), field, token).encode(),
+            lambda: assert_survives(victim, scenarios["base-vicuna"]))
+
+
+@SETTINGS
+@given(data=st.data())
+def test_extreme_numbers_drawn(victim: Path, scenarios: dict[str, Path], data) -> None:
+    """Every extreme value, one or several fields at once, drawn by hypothesis."""
+    from hostile_numbers import EXTREMES, NUMERIC_FIELDS, with_numbers
+
+    fname = data.draw(st.sampled_from(sorted(NUMERIC_FIELDS)))
+    path = victim / fname
+    original = path.read_bytes()
+    fields = data.draw(st.lists(st.sampled_from(NUMERIC_FIELDS[fname]), min_size=1,
+                                max_size=3, unique=True))
+    text = with_numbers(original.decode(), {f: data.draw(st.sampled_from(EXTREMES))
+                                            for f in fields})
+    _mutate(path, original, text.encode(),
+            lambda: assert_survives(victim, scenarios["base-vicuna"]))
+
+
+@pytest.mark.parametrize("template", ["mlp{n}x_gelu", "mlp{n}x_res{n}x_gelu"])
+@pytest.mark.parametrize("depth", ["0", "3", "257", "100000000", "9" * 5000])
+def test_extreme_projector_depths(victim: Path, scenarios: dict[str, Path], template: str,
+                                  depth: str) -> None:
+    from hostile_numbers import with_depth
+
+    path = victim / "config.json"
+    original = path.read_bytes()
+    _mutate(path, original,
+            with_depth(original.decode(), "mm_projector_type", template, depth).encode(),
+            lambda: assert_survives(victim, scenarios["base-vicuna"]))
