@@ -3,6 +3,12 @@
   * malicious pickles: every technique of the test corpus (tests/malicious_pickles.py) walked by
     the reader and run through `llava-doctor check` as a non_lora_trainables.bin; how many were
     flagged and how many executed (a canary file per payload);
+  * hostile regexes: every pattern of tests/hostile_patterns.py (nested quantifiers, alternation
+    blow-ups, polynomial repeats, a 9 MB pattern, invalid patterns) in adapter_config.json, each
+    through a whole `llava-doctor check --fast` process: flagged with the expected code and exit
+    1 in under 5 s;
+  * extreme numbers: every numeric config field the checks read set to every extreme value of
+    tests/hostile_numbers.py, each through every check (values read): no crash, under 2 s;
   * fuzzing: bench/fuzz.py for --fuzz-seconds (inputs tried, crashes, slowest input);
   * kill points: `llava-doctor fix` and `llava-doctor merge` aborted after every write
     (LLAVA_DOCTOR_TEST_ABORT_AFTER_WRITES=N) and SIGKILLed at random moments; originals that were
@@ -75,6 +81,76 @@ def malicious(work: Path) -> tuple[int, int, int]:
         flagged += ok and cli_ok
         executed += canary.exists()
     return tried, flagged, executed
+
+
+def hostile_regexes(work: Path) -> tuple[int, int, float, str]:
+    import json
+
+    import hostile_patterns as hp
+
+    paths = build_all(work / "rfx")
+    tried = flagged = 0
+    slowest = (0.0, "")
+    for i, pat in enumerate(hp.PATTERNS):
+        d = work / f"re-{i}" / "llava-v1.5-hostile-lora"
+        shutil.copytree(paths["lora"], d)
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        pat.edit(cfg)
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+        t0 = time.monotonic()
+        r = cli("check", str(d), "--base", str(paths["base-vicuna"]), "--fast", "--format",
+                "json")
+        took = time.monotonic() - t0
+        tried += 1
+        codes = {f["code"] for f in json.loads(r.stdout)["findings"]} \
+            if r.stdout.startswith("{") else set()
+        ok = r.returncode == 1 and pat.expect in codes and "LD000" not in codes and took < 5.0
+        if not ok:
+            print(f"  not flagged in time: {pat.name} (exit {r.returncode}, {took:.2f} s, "
+                  f"codes {sorted(codes)})", file=sys.stderr)
+        flagged += ok
+        if took > slowest[0]:
+            slowest = (took, pat.name)
+    return tried, flagged, slowest[0], slowest[1]
+
+
+def extreme_numbers(work: Path) -> tuple[int, int, float, str]:
+    import hostile_numbers as hn
+
+    from llava_doctor.checks.context import Options
+    from llava_doctor.doctor import run_checks
+
+    paths = build_all(work / "nfx")
+    d = work / "num" / "llava-v1.5-extreme-lora"
+    shutil.copytree(paths["lora"], d)
+    cases = list(hn.every_case())
+    cases += [("config.json", f"{field}|{tpl}", n) for field, tpl in
+              hn.NUMERIC_STRINGS["config.json"] for n in hn.DEPTHS]
+    bad = 0
+    slowest = (0.0, "")
+    for fname, field, token in cases:
+        path = d / fname
+        original = path.read_bytes()
+        if "|" in field:
+            name, tpl = field.split("|")
+            path.write_text(hn.with_depth(original.decode(), name, tpl, token))
+        else:
+            path.write_text(hn.with_number(original.decode(), field, token))
+        t0 = time.monotonic()
+        try:
+            rep = run_checks([d], Options(base=paths["base-vicuna"]))
+            crashed = [f.message for f in rep.findings if f.code == "LD000"]
+        except Exception as e:  # the property under test: never
+            crashed = [f"{type(e).__name__}: {e}"]
+        took = time.monotonic() - t0
+        path.write_bytes(original)
+        if crashed or took > 2.0:
+            bad += 1
+            print(f"  {fname}:{field}={token[:20]}: {crashed[:1] or f'{took:.2f} s'}",
+                  file=sys.stderr)
+        if took > slowest[0]:
+            slowest = (took, f"{fname}:{field}={token[:12]}")
+    return len(cases), bad, slowest[0], slowest[1]
 
 
 def fix_kills(work: Path, random_kills: int, rng: random.Random) -> tuple[int, int]:
@@ -181,17 +257,26 @@ def main() -> int:
         tried, flagged, executed = malicious(work)
         print(f"malicious pickles: {tried} tried, {flagged} flagged (LD502/LD501), "
               f"{executed} executed")
+        rt, rf, rslow, rname = hostile_regexes(work)
+        print(f"hostile regexes: {rt} tried, {rf} flagged in time (LD210 or the re.error "
+              f"finding, exit 1), slowest whole check {rslow:.2f} s ({rname})")
+        nt, nbad, nslow, nname = extreme_numbers(work)
+        print(f"extreme numbers: {nt} tried, {nbad} crashes or over 2 s, slowest "
+              f"{nslow * 1e3:.0f} ms ({nname})")
         fz = subprocess.run([sys.executable, str(REPO / "bench" / "fuzz.py"), "--seconds",
                              str(args.fuzz_seconds)], capture_output=True, text=True)
         lines = dict(ln.split(": ", 1) for ln in fz.stdout.splitlines() if ": " in ln)
         print(f"fuzz: {lines.get('fuzz inputs tried')} inputs tried, {lines.get('crashes')} "
-              f"crashes, slowest {lines.get('slowest input')}")
+              f"crashes, {lines.get('over the time limit')} over the time limit, slowest "
+              f"{lines.get('slowest input')}, slowest regex input "
+              f"{lines.get('slowest regex input')}")
         fp, fc = fix_kills(work, args.random_kills, rng)
         print(f"fix kill points: {fp} tried, {fc} corrupted originals")
         mp_, mpart = merge_kills(work, args.random_kills, rng)
         print(f"merge kill points: {mp_} tried, {mpart} partial outputs")
         return 0 if (executed == 0 and flagged == tried and fc == 0 and mpart == 0
-                     and lines.get("crashes") == "0") else 1
+                     and rf == rt and nbad == 0 and lines.get("crashes") == "0"
+                     and lines.get("over the time limit") == "0") else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
