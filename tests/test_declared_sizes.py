@@ -234,3 +234,14 @@ def test_delta_bound_beyond_float32_is_an_error(run: Path) -> None:
     assert f.severity.value == "error"
     assert "'model.layers.0.self_attn.q_proj'), beyond float32's range too: even a float32 " \
            "merge may write inf" in f.message
+
+
+def test_a_token_id_of_thousands_of_digits(run: Path, scenarios: dict[str, Path],
+                                           tmp_path: Path) -> None:
+    base = tmp_path / "vicuna-huge-id"
+    shutil.copytree(scenarios["base-vicuna"], base)
+    tc = json.loads((base / "tokenizer_config.json").read_text())
+    tc["added_tokens_decoder"] = {"9" * 5000: {"content": "<x>"}, "40": {"content": "<y>"}}
+    (base / "tokenizer_config.json").write_text(json.dumps(tc))
+    rep = run_checks([run], Options(base=base, fast=True))
+    assert not [f for f in rep.findings if f.code == "LD000"], rep.findings

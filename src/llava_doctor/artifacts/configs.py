@@ -300,7 +300,9 @@ def tokenizer_length(model_dir: Path) -> int | None:
     if tc.is_file():
         try:
             dec = read_json(tc).get("added_tokens_decoder") or {}
-            ids.update(int(k) for k in dec if str(k).isdigit())
+            # a token id of more digits than any vocabulary is not one (and int() of 4,300+
+            # digits raises)
+            ids.update(int(k) for k in dec if str(k).isdigit() and len(str(k)) <= 12)
         except FileCorruptError:
             pass
     return max([base - 1, *ids]) + 1 if ids else base
