@@ -245,3 +245,20 @@ def test_a_token_id_of_thousands_of_digits(run: Path, scenarios: dict[str, Path]
     (base / "tokenizer_config.json").write_text(json.dumps(tc))
     rep = run_checks([run], Options(base=base, fast=True))
     assert not [f for f in rep.findings if f.code == "LD000"], rep.findings
+
+
+@pytest.mark.parametrize("changes", [{"r": 10**400}, {"lora_alpha": float("nan")},
+                                     {"alpha_pattern": {"q_proj": float("inf")}}])
+def test_rslora_rewrite_of_extreme_numbers_is_refused_not_crashed(run: Path, changes) -> None:
+    data = json.loads((run / "adapter_config.json").read_text())
+    data.update({"use_rslora": True, **changes})
+    (run / "adapter_config.json").write_text(json.dumps(data))
+    rep = run_checks([run], Options(fast=True, peft_version="0.7.0"))
+    assert not [f for f in rep.findings if f.code == "LD000"], rep.findings
+    ld201 = [f for f in rep.findings if f.code == "LD201"]
+    assert ld201 and all("rewrite" not in f.evidence for f in ld201)
+    from llava_doctor.fixes import plan_fixes
+
+    _, plan = plan_fixes(run, Options(fast=True, peft_version="0.7.0"), allow_unsafe=True)
+    assert not [c for c in plan.changes if c.code == "LD201"]
+    assert [u for u in plan.unfixable if u.code == "LD201"]

@@ -304,6 +304,14 @@ def _loader_behaviour(version: str, first: str) -> tuple[str, str]:
                      "arguments [...] for class LoraConfig, these are ignored.`)")
 
 
+def rewritable_alpha(alpha: Any, r: Any) -> bool:
+    """Whether `exact_plain_alpha` can rewrite this pair: a finite alpha, a positive r that
+    floats hold exactly (a 400-digit r has no square root as a float)."""
+    return (isinstance(r, int) and not isinstance(r, bool) and 0 < r <= 2**53
+            and isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+            and math.isfinite(alpha))
+
+
 def exact_plain_alpha(alpha: float, r: int) -> float:
     """A `lora_alpha` whose plain-LoRA scaling `new / r` equals rslora's `alpha / sqrt(r)`, as
     Python (and peft) compute both in floating point."""
@@ -326,10 +334,13 @@ def _rslora_rewrite(raw: dict[str, Any]) -> dict[str, Any] | None:
     if raw.get("rank_pattern"):
         return None
     r, alpha = raw.get("r"), raw.get("lora_alpha")
-    if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
+    if not rewritable_alpha(alpha, r):
         return None
+    assert isinstance(r, int) and isinstance(alpha, (int, float))
     out: dict[str, Any] = {"use_rslora": None, "lora_alpha": exact_plain_alpha(float(alpha), r)}
     pattern = raw.get("alpha_pattern") or {}
+    if not isinstance(pattern, dict) or not all(rewritable_alpha(a, r) for a in pattern.values()):
+        return None
     if pattern:
         out["alpha_pattern"] = {k: exact_plain_alpha(float(a), r) for k, a in pattern.items()}
     return out
@@ -1212,4 +1223,5 @@ def adapter_on_multimodal(ctx: Context) -> Iterable[Hit]:
                   evidence={"part": part, "keys": keys[:_SHOW], "count": len(keys)})
 
 
-__all__ = ["ModuleInfo", "ModuleSet", "module_set", "exact_plain_alpha", "lora_scaling"]
+__all__ = ["ModuleInfo", "ModuleSet", "module_set", "exact_plain_alpha", "rewritable_alpha",
+           "lora_scaling"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from llava_doctor.artifacts import peft_versions
-from llava_doctor.checks.adapter import exact_plain_alpha
+from llava_doctor.checks.adapter import exact_plain_alpha, rewritable_alpha
 from llava_doctor.fixes.jsonedit import DELETE
 from llava_doctor.fixes.registry import (
     CannotFix,
@@ -66,14 +66,15 @@ def fix_adapter_config_version(pi: PlanInput) -> Outcome:
     if raw.get("rank_pattern"):
         return CannotFix("use_rslora with a rank_pattern: per-module ranks need per-module "
                          f"alphas that peft {version} cannot express; {upgrade}")
-    if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)) \
-            or isinstance(alpha, bool):
+    pattern = raw.get("alpha_pattern") or {}
+    if not rewritable_alpha(alpha, r) or not isinstance(pattern, dict) \
+            or not all(rewritable_alpha(a, r) for a in pattern.values()):
         return CannotFix(f"use_rslora with r={_json(r)}, lora_alpha={_json(alpha)}: cannot "
                          f"compute the plain-LoRA alpha; {upgrade}")
+    assert isinstance(r, int) and isinstance(alpha, (int, float))
     new_alpha = exact_plain_alpha(float(alpha), r)
     edits["use_rslora"] = DELETE
     edits["lora_alpha"] = new_alpha
-    pattern = raw.get("alpha_pattern") or {}
     if pattern and "alpha_pattern" in peft_versions.fields_known_by(version):
         edits["alpha_pattern"] = {k: exact_plain_alpha(float(a), r) for k, a in pattern.items()}
     extra = f"; also removes {listing}" if listing else ""
