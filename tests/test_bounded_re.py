@@ -183,3 +183,28 @@ def test_names_outside_the_table_are_a_bug_not_a_guess():
     ev = evaluate_config({"target_modules": "q"}, ["a.q"])
     with pytest.raises(LookupError):
         ev("fullmatch", "q", "b.q")
+
+
+def test_the_config_has_a_total_budget_too():
+    uses = [PatternUse("rank_pattern", "key_new", r"((.)+)+X"),
+            PatternUse("rank_pattern", "key_new", r"((.)+)+Y"),
+            PatternUse("rank_pattern", "key_new", "q_proj")]
+    t0 = time.monotonic()
+    ev = evaluate(uses, NAMES, budget=0.4, total=0.5)
+    assert time.monotonic() - t0 < 4
+    got = [(v.status, v.error) for v in ev.verdicts.values()]
+    assert got[0] == ("over-budget", "killed at the budget")
+    assert got[1:] == [("not-evaluated", "the patterns of this config together ran past 0.5 s")] * 2
+
+
+def test_too_many_patterns_are_not_evaluated_at_all():
+    cfg = {"target_modules": ALL7, "rank_pattern": {f"k{i}_proj": 2 for i in range(1500)}}
+    t0 = time.monotonic()
+    ev = evaluate_config(cfg, NAMES)
+    assert time.monotonic() - t0 < 1
+    assert ev.verdicts == {}
+    assert [v.describe() for v in ev.over_budget] == [
+        "the config holds 1,500 patterns (more than 1,000); peft scans every module name with "
+        "each of them: none was evaluated"]
+    with pytest.raises(PatternTimeout):
+        effective_r_alpha(cfg, NAMES[0], matcher=ev)

@@ -126,3 +126,30 @@ def test_merge_force_still_refuses_a_rank_key_over_budget(scenarios: dict[str, P
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert "the rank_pattern pattern" in r.stderr and "(LD210)" in r.stderr
     assert not out.exists()
+
+
+def test_huge_lists_and_many_patterns_are_bounded(scenarios: dict[str, Path],
+                                                  tmp_path: Path) -> None:
+    """A 300,000-entry target_modules list is matched in time bounded by the module names; a
+    config with thousands of rank keys is one LD210 finding, not thousands of regex scans."""
+    d = tmp_path / "llava-v1.5-lists-lora"
+    shutil.copytree(scenarios["lora"], d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["target_modules"] = [f"x{i}_proj" for i in range(300_000)] + ["q_proj"]
+    cfg["exclude_modules"] = [f"y{i}_proj" for i in range(300_000)]
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    t0 = time.monotonic()
+    rep = run_checks([d], Options(base=scenarios["base-vicuna"], fast=True))
+    assert time.monotonic() - t0 < WHOLE_PROCESS_S
+    codes = {f.code for f in rep.findings}
+    assert "LD000" not in codes and "LD210" not in codes
+    # the adapter holds k/v/o/... keys the list no longer targets: LD207 still sees that
+    assert "LD207" in codes
+    cfg["rank_pattern"] = {f"layers\\.{i}\\.q_proj": 4 for i in range(5000)}
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    t0 = time.monotonic()
+    rep = run_checks([d], Options(base=scenarios["base-vicuna"], fast=True))
+    assert time.monotonic() - t0 < WHOLE_PROCESS_S
+    ld210 = [f for f in rep.findings if f.code == "LD210"]
+    assert len(ld210) == 1
+    assert "the config holds 5,000 patterns (more than 1,000)" in ld210[0].message

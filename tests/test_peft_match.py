@@ -15,6 +15,7 @@ from llava_doctor.artifacts.peft_match import (
     lora_scaling,
     module_scaling,
     parse_adapter_keys,
+    prepared,
     target_matches,
 )
 
@@ -73,9 +74,11 @@ SPECS = [
 @pytest.mark.parametrize("spec", SPECS, ids=[str(i) for i in range(len(SPECS))])
 def test_target_matches_equals_peft_check(spec, names):
     cfg = LoraConfig(**spec)
+    fast = prepared(spec)
     for name in names:
         want = bool(check_target_module_exists(cfg, name))
         assert config_matches(spec, name) is want, (spec, name)
+        assert config_matches(fast, name) is want, (spec, name)  # lists as frozensets
 
 
 def _wrapped(model) -> dict[str, tuple[int, float]]:

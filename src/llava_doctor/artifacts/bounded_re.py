@@ -34,6 +34,11 @@ PATTERN_BUDGET_S = 1.0
 #: After this many patterns over budget, the remaining ones are not evaluated (reported too):
 #: a config with thousands of hostile keys must not buy thousands of budgets.
 MAX_OVER_BUDGET = 2
+#: All the patterns of one config together, however fast each is: a million cheap
+#: `rank_pattern` keys cost peft a million regex scans per module just the same.
+TOTAL_BUDGET_S = 3.0
+#: More patterns than this in one config are not evaluated at all (a finding, not work).
+MAX_PATTERNS = 1000
 #: Longest pattern text a message quotes.
 SHOW_CHARS = 80
 
@@ -108,6 +113,8 @@ class Verdict:
     budget: float = PATTERN_BUDGET_S
 
     def describe(self) -> str:
+        if self.use == "all":
+            return f"{self.error}: none was evaluated"
         if self.status == "over-budget":
             return (f"the {self.field} pattern {shorten(self.pattern)} did not finish within "
                     f"{self.budget:g} s over {self.names:,} module names ({self.error or 'killed'})"
@@ -115,7 +122,7 @@ class Verdict:
                     "too")
         if self.status == "not-evaluated":
             return (f"the {self.field} pattern {shorten(self.pattern)} was not evaluated: "
-                    f"{MAX_OVER_BUDGET} earlier patterns of this config already ran over budget")
+                    f"{self.error or 'the budget of this config ran out'}")
         if self.status == "invalid":
             return f"the {self.field} pattern {shorten(self.pattern)} is invalid ({self.error})"
         return f"the {self.field} pattern {shorten(self.pattern)} took {self.seconds:.3f} s"
@@ -128,8 +135,12 @@ class Evaluation:
     names: frozenset[str]
     verdicts: dict[tuple[str, str], Verdict] = field(default_factory=dict)
     results: dict[tuple[str, str], dict[str, str | None]] = field(default_factory=dict)
+    # Set when the config holds more than MAX_PATTERNS patterns: none was evaluated.
+    everything: Verdict | None = None
 
     def __call__(self, use: str, pattern: str, name: str) -> str | None:
+        if self.everything is not None:
+            raise PatternTimeout(self.everything)
         key = (use, pattern)
         v = self.verdicts.get(key)
         if v is None:
@@ -145,11 +156,15 @@ class Evaluation:
     @property
     def over_budget(self) -> list[Verdict]:
         """Patterns that ran over budget or were not evaluated, in config order."""
+        if self.everything is not None:
+            return [self.everything]
         return [v for v in self.verdicts.values() if v.status in ("over-budget", "not-evaluated")]
 
     def blocked(self, fields: Iterable[str]) -> Verdict | None:
         """The first over-budget verdict among ``fields``, if any."""
         wanted = set(fields)
+        if self.everything is not None:
+            return self.everything
         return next((v for v in self.over_budget if v.field in wanted), None)
 
 
@@ -280,18 +295,25 @@ class _Worker:
 
 
 def evaluate(uses: list[PatternUse], names: Iterable[str], *,
-             budget: float = PATTERN_BUDGET_S) -> Evaluation:
+             budget: float = PATTERN_BUDGET_S, total: float = TOTAL_BUDGET_S) -> Evaluation:
     """Evaluate every pattern over ``names`` with ``budget`` seconds each (see module doc)."""
     order = sorted(set(names))
     ev = Evaluation(names=frozenset(order))
     todo = list(uses)
     timeouts = 0
+    deadline = time.monotonic() + max(total, budget)
+
+    def give_up(why: str) -> None:
+        for u in todo:
+            ev.verdicts[(u.use, u.pattern)] = Verdict(u.field, u.use, u.pattern, "not-evaluated",
+                                                      error=why, names=len(order), budget=budget)
+
     while todo:
         if timeouts >= MAX_OVER_BUDGET:
-            for u in todo:
-                ev.verdicts[(u.use, u.pattern)] = Verdict(u.field, u.use, u.pattern,
-                                                          "not-evaluated", names=len(order),
-                                                          budget=budget)
+            give_up(f"{MAX_OVER_BUDGET} earlier patterns of this config already ran over budget")
+            break
+        if time.monotonic() >= deadline:
+            give_up(f"the patterns of this config together ran past {max(total, budget):g} s")
             break
         jobs = [[regex_for(u.use, u.pattern), USES[u.use][2], USES[u.use][3]] for u in todo]
         worker = _Worker(order, jobs)
@@ -302,9 +324,12 @@ def evaluate(uses: list[PatternUse], names: Iterable[str], *,
             done = 0
             for u in todo:
                 t0 = time.monotonic()
-                line = worker.next(budget)
+                wait = min(budget, deadline - t0)
+                line = worker.next(wait)
                 took = time.monotonic() - t0
                 key = (u.use, u.pattern)
+                if line is None and wait < budget:
+                    break  # the config's total ran out, not this pattern's budget
                 if not line:
                     why = "killed at the budget" if line is None else \
                         "the matcher ran out of memory or crashed"
@@ -333,10 +358,30 @@ def evaluate(uses: list[PatternUse], names: Iterable[str], *,
 def evaluate_config(cfg: Any, names: Iterable[str], *, peft_version: tuple[int, int, int] | None
                     = None, budget: float = PATTERN_BUDGET_S) -> Evaluation:
     """`evaluate` for every pattern of an adapter config (no child when there is none)."""
+    count = pattern_count(cfg)
+    if count > MAX_PATTERNS:
+        ev = Evaluation(names=frozenset(names))
+        ev.everything = Verdict(
+            "adapter_config.json", "all", f"{count:,} patterns", "not-evaluated",
+            error=f"the config holds {count:,} patterns (more than {MAX_PATTERNS:,}); peft "
+                  "scans every module name with each of them", budget=budget)
+        return ev
     uses = config_patterns(cfg, peft_version)
     if not uses:
         return Evaluation(names=frozenset(names))
     return evaluate(uses, names, budget=budget)
+
+
+def pattern_count(cfg: Any) -> int:
+    """How many patterns `config_patterns` would list, counted without building them."""
+    n = 0
+    for name in ("target_modules", "exclude_modules", "layers_pattern"):
+        n += isinstance(_field(cfg, name), str)
+    for name in ("modules_to_save", "layers_pattern", "rank_pattern", "alpha_pattern"):
+        value = _field(cfg, name)
+        if isinstance(value, (list, dict)):
+            n += len(value)
+    return n
 
 
 __all__ = ["PATTERN_BUDGET_S", "MAX_OVER_BUDGET", "USES", "Matcher", "regex_for", "direct",

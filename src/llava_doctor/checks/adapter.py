@@ -30,6 +30,7 @@ from llava_doctor.artifacts.peft_match import (
     effective_r_alpha,
     lora_scaling,
     parse_adapter_keys,
+    prepared,
 )
 from llava_doctor.artifacts.tensors import FLOAT_DTYPES
 from llava_doctor.checks.base import Hit, Skip, check
@@ -280,7 +281,8 @@ def pattern_over_budget(ctx: Context) -> Iterable[Hit]:
         raise Skip("no readable adapter_config.json")
     ev = pattern_eval(ctx)
     path = ctx.file("adapter_config.json")
-    for v in ev.over_budget if ev is not None else []:
+    over = ev.over_budget if ev is not None else []
+    for v in [v for v in over if v.status == "over-budget" or v.use == "all"]:
         yield Hit(f"{path}: {v.describe()}. The checks that need it are skipped. Replace it "
                   "with the list of module names it was meant to select, or a pattern without "
                   "nested quantifiers", path=path,
@@ -288,6 +290,14 @@ def pattern_over_budget(ctx: Context) -> Iterable[Hit]:
                             else shorten(v.pattern), "pattern_chars": len(v.pattern),
                             "status": v.status, "budget_s": v.budget, "module_names": v.names,
                             "template": v.use})
+    rest = [v for v in over if v.status == "not-evaluated" and v.use != "all"]
+    if rest:
+        yield Hit(f"{path}: {len(rest)} more pattern(s) were not evaluated ({rest[0].error}), "
+                  f"e.g. the {rest[0].field} pattern {shorten(rest[0].pattern)}; peft would "
+                  "evaluate them too. The checks that need them are skipped", path=path,
+                  evidence={"status": "not-evaluated", "count": len(rest),
+                            "fields": sorted({v.field for v in rest}),
+                            "patterns": [shorten(v.pattern) for v in rest[:_SHOW]]})
 
 
 # --- LD201 ---------------------------------------------------------------------------------
@@ -507,9 +517,10 @@ def target_modules_missing(ctx: Context) -> Iterable[Hit]:
         return
     ev = pattern_eval(ctx)
     _skip_if_blocked(ev, TARGETING_FIELDS)
+    fast_cfg = prepared(cfg)
     try:
         matched = [n for n in mods.wrappable
-                   if config_matches(cfg, n, mods.linear, matcher=ev or direct)]
+                   if config_matches(fast_cfg, n, mods.linear, matcher=ev or direct)]
     except re.error as e:
         yield Hit(f"{path}: target_modules {_json(cfg.target_modules)} (or an exclude_modules/"
                   f"modules_to_save entry, which peft also reads as a regex) is not a valid "
@@ -1065,6 +1076,7 @@ def adapter_keys_unmatched(ctx: Context) -> Iterable[Hit]:
     cfg = ctx.adapter_config
     ev = pattern_eval(ctx)
     _skip_if_blocked(ev, TARGETING_FIELDS)
+    prepared_cfg = prepared(cfg) if cfg is not None else None
     parsed = parse_adapter_keys(ad.tensors)
     missing: list[str] = []       # module absent from the base
     untargeted: list[str] = []    # module present, but target_modules does not select it
@@ -1081,7 +1093,8 @@ def adapter_keys_unmatched(ctx: Context) -> Iterable[Hit]:
             continue
         if lora_keys and cfg is not None and cfg.target_modules is not None:
             try:
-                targeted = config_matches(cfg, mod.name, mods.linear, matcher=ev or direct)
+                targeted = config_matches(prepared_cfg, mod.name, mods.linear,
+                                          matcher=ev or direct)
             except re.error:
                 targeted = True  # an invalid regex is LD202's finding
             if not targeted or info.kind == "norm":
