@@ -261,8 +261,10 @@ def pattern_over_budget(ctx: Context) -> Iterable[Hit]:
     Evaluates every pattern peft reads from `adapter_config.json` — `target_modules` and
     `exclude_modules` given as strings, `modules_to_save` entries, `layers_pattern`, the keys
     of `rank_pattern` and `alpha_pattern` — with peft's own templates and Python's `re`, over
-    every module name of the merge-time model, in a child process stopped after 1 s per pattern.
-    The checks that need a pattern over budget are skipped with this reason.
+    every module name of the merge-time model, in a child process stopped after 1 s per pattern
+    (3 s for all the patterns of the config; more than 1,000 patterns are not evaluated at all).
+    Patterns that finish give exactly peft's answers; the checks that need a pattern over
+    budget are skipped with this reason.
 
     ## Why is this bad?
     peft evaluates these patterns with `re` on every module name while it builds the LoRA
