@@ -137,22 +137,27 @@ def test_crashing_check_becomes_ld000(scenarios: dict[str, Path], monkeypatch) -
     assert next(o for o in rep.targets[0].checks if o.code == "LD103").status.value == "crashed"
 
 
-def test_value_read_failure_is_ld501_not_a_crash(scenarios: dict[str, Path], monkeypatch) -> None:
-    """A .bin whose header walk passes but whose data torch cannot load (found by bench/fuzz.py:
-    miniz rejects archives Python's zipfile accepts) is reported as LD501, and the value check
-    that met it is skipped, not crashed."""
-    import llava_doctor.artifacts.torchfile as tf
-    from llava_doctor.errors import FileCorruptError
+def test_value_read_failure_is_ld501_not_a_crash(scenarios: dict[str, Path], tmp_path: Path,
+                                                 ) -> None:
+    """A .bin whose header walk passes but whose data cannot be read (a storage record's zip local
+    header is damaged; the walk reads only the central directory and data.pkl) is reported as
+    LD501, and the value check that met it is skipped, not crashed."""
+    import shutil
+    import zipfile
 
-    def failing(path, names=None):
-        raise FileCorruptError("torch.load failed after a clean header walk: PytorchStreamReader "
-                               "failed reading zip archive: unsupported multidisk archive",
-                               path=path, rule="torch-load-failed")
-
-    monkeypatch.setattr(tf, "load_torch_tensors", failing)
-    rep = run_checks([scenarios["lora"]], Options(base=scenarios["base-vicuna"]))
+    lora = shutil.copytree(scenarios["lora"], tmp_path / "llava-v1.5-tiny-lora")
+    nl = lora / "non_lora_trainables.bin"
+    with zipfile.ZipFile(nl) as zf:
+        member = next(i for i in zf.infolist() if "/data/" in i.filename)
+    blob = bytearray(nl.read_bytes())
+    assert blob[member.header_offset:member.header_offset + 4] == b"PK\x03\x04"
+    blob[member.header_offset + 2:member.header_offset + 4] = b"\x00\x00"
+    nl.write_bytes(bytes(blob))
+    rep = run_checks([lora], Options(base=scenarios["base-vicuna"]))
     got = {(f.code, Path(f.path).name) for f in rep.findings}
     assert ("LD501", "non_lora_trainables.bin") in got
     assert "LD000" not in {c for c, _ in got}
+    ld501 = next(f for f in rep.findings if f.code == "LD501")
+    assert "has no zip local header at byte" in ld501.message
     ld503 = next(o for o in rep.targets[0].checks if o.code == "LD503")
     assert ld503.status.value == "skipped"

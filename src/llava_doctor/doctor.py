@@ -9,7 +9,7 @@ from pathlib import Path
 
 from llava_doctor.artifacts.discovery import LORA_KINDS, DirKind
 from llava_doctor.checks.base import TARGET, CheckSpec, Hit, Skip, all_checks
-from llava_doctor.checks.context import Context, Options
+from llava_doctor.checks.context import CheckEvent, Context, Observer, Options
 from llava_doctor.errors import DoctorError
 from llava_doctor.models import (
     CheckOutcome,
@@ -52,10 +52,16 @@ def _finding(spec: CheckSpec, hit: Hit, target: Path) -> Finding:
                    target=str(target), evidence=hit.evidence, fix=hit.fix or spec.fix)
 
 
-def check_target(path: Path, options: Options, checks: Sequence[CheckSpec]
+def check_target(path: Path, options: Options, checks: Sequence[CheckSpec],
+                 observer: Observer | None = None,
                  ) -> tuple[TargetResult, list[Finding], Context]:
-    """Run `checks` on one target. A crashing check becomes an LD000 finding; the rest run."""
-    ctx = Context(path=path, options=options)
+    """Run `checks` on one target. A crashing check becomes an LD000 finding; the rest run.
+
+    ``observer`` receives a `CheckEvent` as each check starts and as values are read.
+    """
+    ctx = Context(path=path, options=options, observer=observer)
+    if observer is not None:
+        observer(CheckEvent(path, "target"))
     kind = ctx.kind
     outcomes: dict[str, CheckOutcome] = {}
     findings: dict[str, list[Finding]] = {}
@@ -71,6 +77,8 @@ def check_target(path: Path, options: Options, checks: Sequence[CheckSpec]
                 code=spec.code, name=spec.name, status=CheckStatus.skipped,
                 reason=f"not a LoRA output directory (classified as {kind.value})")
             continue
+        if observer is not None:
+            observer(CheckEvent(path, "check", code=spec.code))
         try:
             hits = list(spec.fn(ctx))
         except Skip as s:
@@ -120,15 +128,19 @@ def check_target(path: Path, options: Options, checks: Sequence[CheckSpec]
 def run_checks(paths: Sequence[Path | str], options: Options | None = None, *,
                select: Iterable[str] | None = None, ignore: Iterable[str] | None = None,
                jobs: int = 1,
-               on_target: Callable[[Path], None] | None = None) -> Report:
-    """Check every target and return one report (targets in the order given)."""
+               on_target: Callable[[Path], None] | None = None,
+               observer: Observer | None = None) -> Report:
+    """Check every target and return one report (targets in the order given).
+
+    ``observer`` receives progress as `CheckEvent`s (from worker threads when ``jobs > 1``).
+    """
     options = options or Options()
     checks = selected_checks(select, ignore)
 
     def one(p: Path | str) -> tuple[TargetResult, list[Finding]]:
         if on_target:
             on_target(Path(p))
-        result, found, _ = check_target(Path(p), options, checks)
+        result, found, _ = check_target(Path(p), options, checks, observer)
         return result, found
 
     if jobs > 1 and len(paths) > 1:

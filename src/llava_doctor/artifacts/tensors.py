@@ -61,3 +61,18 @@ class TensorInfo:
     @property
     def torch_dtype_name(self) -> str:
         return ST_TO_TORCH.get(self.dtype, self.dtype)
+
+
+@dataclass(frozen=True)
+class StorageRecord:
+    """Where the bytes of one ``torch.save`` storage live in the file (found by the pickle walk).
+
+    ``offset`` is, for a zip member, the offset of its local file header (the data follows the
+    header's variable-length name and extra fields); for the legacy format, the absolute offset
+    of the storage's first byte. ``nbytes`` is what the record holds.
+    """
+
+    key: str
+    offset: int
+    nbytes: int
+    zip_member: bool

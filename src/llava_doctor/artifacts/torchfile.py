@@ -56,7 +56,7 @@ from llava_doctor.artifacts.pickle_walk import (
     describe,
     looks_like_pickle,
 )
-from llava_doctor.artifacts.tensors import TensorInfo
+from llava_doctor.artifacts.tensors import StorageRecord, TensorInfo
 from llava_doctor.errors import FileCorruptError
 
 if TYPE_CHECKING:
@@ -84,7 +84,9 @@ class TorchFile:
 
     ``tensors`` keeps the file's order; ``other`` maps names of non-tensor leaves to a short
     type description (``"int"``, ``"list[3]"``); ``archive_name`` is the zip folder name
-    (``None`` for the legacy format).
+    (``None`` for the legacy format); ``storages`` says where each storage's bytes are, so that
+    values can be read without torch (:mod:`~llava_doctor.artifacts.values`); ``byteorder`` is
+    the order they were written in (the zip ``byteorder`` record, the legacy system info).
     """
 
     path: Path
@@ -92,6 +94,8 @@ class TorchFile:
     tensors: dict[str, TensorInfo]
     other: dict[str, str] = field(default_factory=dict)
     archive_name: str | None = None
+    storages: dict[str, StorageRecord] = field(default_factory=dict)
+    byteorder: Literal["little", "big"] = "little"
 
 
 def read_torch_file(path: Path | str) -> TorchFile:
@@ -235,6 +239,7 @@ def _read_zip(path: Path, fh: BinaryIO, size: int) -> TorchFile:
         _scan_trailing(path, stream, pkl_name, budget)
         _scan_extra_members(path, zf, infos, archive, budget)
 
+        records: dict[str, StorageRecord] = {}
         for key, storage in walker.storages.items():
             if "/" in key or "\\" in key or key in (".", ".."):
                 raise FileCorruptError(f"storage key {key[:100]!r} escapes '{archive}/data/'",
@@ -247,8 +252,13 @@ def _read_zip(path: Path, fh: BinaryIO, size: int) -> TorchFile:
                 raise FileCorruptError(
                     f"storage '{key}' declares {storage.nbytes} bytes but its record holds "
                     f"{member.file_size}", path=path, rule="storage-out-of-bounds")
+            records[key] = StorageRecord(key, member.header_offset, member.file_size, True)
+        order = by_name.get(f"{archive}/byteorder")
+        # torch.load reads a missing record as little-endian (what every torch >= 1.6 writes).
+        big = order is not None and _read_member(path, zf, order, limit=16).strip() == b"big"
     tensors, other = _tensor_infos(path, root, walker)
-    return TorchFile(path, "zip", tensors, other, archive)
+    return TorchFile(path, "zip", tensors, other, archive, records,
+                     "big" if big else "little")
 
 
 def _check_members(path: Path, infos: list[zipfile.ZipInfo], size: int) -> str:
@@ -371,6 +381,7 @@ def _read_legacy(path: Path, fh: BinaryIO, size: int) -> TorchFile:
 
     offset = reader.tell()
     seen: set[str] = set()
+    records: dict[str, StorageRecord] = {}
     for key in keys:
         storage = walker.storages.get(key)
         if storage is None or key in seen:
@@ -389,6 +400,7 @@ def _read_legacy(path: Path, fh: BinaryIO, size: int) -> TorchFile:
             raise FileCorruptError(f"storage '{key}' holds {count} elements of {itemsize} "
                                    f"bytes but the pickle declares {storage.nbytes} bytes",
                                    path=path, rule="storage-size-mismatch")
+        records[key] = StorageRecord(key, offset + 8, storage.nbytes, False)
         offset += 8 + storage.nbytes
         if offset > size:
             raise FileCorruptError(f"storage '{key}' ends at byte {offset}, past the end of "
@@ -399,7 +411,8 @@ def _read_legacy(path: Path, fh: BinaryIO, size: int) -> TorchFile:
         raise FileCorruptError(f"storage '{unlisted[0][:100]}' is used but has no data "
                                "record", path=path, rule="storage-missing")
     tensors, other = _tensor_infos(path, root, walker)
-    return TorchFile(path, "legacy", tensors, other, None)
+    return TorchFile(path, "legacy", tensors, other, None, records,
+                     "little" if little else "big")
 
 
 # --------------------------------------------------------------------------------- tensors

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llava_doctor.artifacts.lfs import is_lfs_pointer, lfs_pointer_size
 from llava_doctor.artifacts.safetensors_header import read_safetensors_header
-from llava_doctor.artifacts.tensors import TensorInfo
+from llava_doctor.artifacts.tensors import StorageRecord, TensorInfo
 from llava_doctor.errors import FileCorruptError, LfsPointerError
 
 if TYPE_CHECKING:
@@ -21,12 +21,18 @@ TORCH = "torch"
 
 @dataclass(frozen=True)
 class WeightFile:
-    """A weight file whose header has been read and validated."""
+    """A weight file whose header has been read and validated.
+
+    ``storages`` and ``byteorder`` locate the bytes of a torch file's storages (empty and
+    little for safetensors, whose header gives absolute offsets in ``tensors``).
+    """
 
     path: Path
     format: str  # "safetensors" | "torch-zip" | "torch-legacy"
     tensors: dict[str, TensorInfo]
     size: int
+    storages: dict[str, StorageRecord] = field(default_factory=dict)
+    byteorder: str = "little"
 
     @property
     def total_bytes(self) -> int:
@@ -74,7 +80,8 @@ def read_weight_file(path: Path | str) -> WeightFile:
     from llava_doctor.artifacts.torchfile import read_torch_file
 
     tf = read_torch_file(path)
-    return WeightFile(path=path, format=f"torch-{tf.format}", tensors=tf.tensors, size=size)
+    return WeightFile(path=path, format=f"torch-{tf.format}", tensors=tf.tensors, size=size,
+                      storages=tf.storages, byteorder=tf.byteorder)
 
 
 def load_tensors(wf: WeightFile, names: Iterable[str] | None = None,

@@ -7,6 +7,7 @@ the other checks `None`, so one broken file never stops the rest of the run.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -23,11 +24,12 @@ from llava_doctor.artifacts.discovery import (
     classify,
 )
 from llava_doctor.artifacts.model_dir import ModelDir
-from llava_doctor.artifacts.tensor_stats import TensorStats, tensor_stats
-from llava_doctor.artifacts.weights import WeightFile, iter_tensors, load_tensors, read_weight_file
+from llava_doctor.artifacts.tensor_stats import TensorStats
+from llava_doctor.artifacts.weights import WeightFile, load_tensors, read_weight_file
 from llava_doctor.errors import DoctorError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 
@@ -45,6 +47,25 @@ class Options:
     vision_tower: Path | None = None  # the CLIP dir for --to llava-hf
 
 
+@dataclass(frozen=True)
+class CheckEvent:
+    """Progress of a `check` run, sent to the observer the caller passes (the CLI draws it).
+
+    ``phase`` is "target" (a target starts), "check" (check ``code`` starts) or "read"
+    (``bytes_done`` of the ``bytes_total`` value bytes of ``file`` are read).
+    """
+
+    target: Path
+    phase: str
+    code: str | None = None
+    file: Path | None = None
+    bytes_done: int = 0
+    bytes_total: int = 0
+
+
+Observer = Callable[[CheckEvent], None]
+
+
 @dataclass
 class Resolved:
     """A path we found on our own, and how (reported so the user knows what was used)."""
@@ -59,6 +80,7 @@ class Context:
     path: Path
     options: Options = field(default_factory=Options)
     file_errors: dict[Path, DoctorError] = field(default_factory=dict)
+    observer: Observer | None = field(default=None, repr=False)
     _tensor_cache: dict[tuple[Path, str], Any] = field(default_factory=dict, repr=False)
     _stats_cache: dict[Path, dict[str, TensorStats]] = field(default_factory=dict, repr=False)
     # Results several checks share that are costly or bounded in time (e.g. the evaluation of
@@ -131,7 +153,9 @@ class Context:
         return self._read(path, read_weight_file)
 
     def tensors(self, wf: WeightFile, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Values, cached per file; only after the header (and pickle walk) passed."""
+        """Values as torch tensors, cached per file; only after the header (and pickle walk)
+        passed. For `fix`, which writes with torch; the checks read values with numpy
+        (`all_stats`, `paired_values`) and never import torch."""
         wanted = list(wf.tensors) if names is None else names
         missing = [n for n in wanted if (wf.path, n) not in self._tensor_cache]
         if missing:
@@ -142,13 +166,38 @@ class Context:
     def all_stats(self, wf: WeightFile) -> dict[str, TensorStats]:
         """NaN/Inf count, largest finite magnitude and all-zero flag of every tensor of a file.
 
-        Computed in one streaming pass per file (tensor values are not kept), and shared by every
-        value check (LD204, LD205, LD503).
+        Computed in one streaming pass per file, in bounded chunks with numpy (tensor values
+        are not kept), and shared by every value check (LD204, LD205, LD503).
         """
         if wf.path not in self._stats_cache:
-            self._stats_cache[wf.path] = {
-                name: tensor_stats(t) for name, t in iter_tensors(wf, reuse_buffer=True)}
+            from llava_doctor.artifacts.values import file_stats
+
+            self._stats_cache[wf.path] = file_stats(wf, progress=self._reading(wf.path))
         return self._stats_cache[wf.path]
+
+    def paired_values(self, a: WeightFile, name_a: str, b: WeightFile, name_b: str,
+                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Decoded values of two same-shaped tensors side by side, a bounded chunk at a time."""
+        from llava_doctor.artifacts.values import paired_values
+
+        total = a.tensors[name_a].nbytes + b.tensors[name_b].nbytes
+        report = self._reading(a.path)
+        done = 0
+
+        def step(n: int) -> None:
+            nonlocal done
+            done += n
+            if report is not None:
+                report(min(done, total), total)
+
+        return paired_values(a, name_a, b, name_b, progress=step)
+
+    def _reading(self, path: Path) -> Callable[[int, int], None] | None:
+        observer = self.observer
+        if observer is None:
+            return None
+        return lambda done, total: observer(CheckEvent(self.path, "read", file=path,
+                                                       bytes_done=done, bytes_total=total))
 
     @property
     def read_values(self) -> bool:

@@ -314,8 +314,8 @@ def duplicate_adapter_files(ctx: Context) -> Iterable[Hit]:
     diff = sorted(set(sig_st) ^ set(sig_bin)) + sorted(n for n in set(sig_st) & set(sig_bin)
                                                         if sig_st[n] != sig_bin[n])
     if not diff and ctx.read_values:
-        a, b = ctx.tensors(st), ctx.tensors(binf)
-        diff = sorted(n for n in a if not bool((a[n] == b[n]).all()))
+        diff = sorted(n for n in st.tensors if not all(
+            bool((x == y).all()) for x, y in ctx.paired_values(st, n, binf, n)))
     if diff:
         yield Hit(f"{st.path} and {binf.path} disagree ({len(diff)} tensors differ, e.g. "
                   f"'{diff[0]}'); peft loads the .safetensors one, older tools the .bin. Delete "

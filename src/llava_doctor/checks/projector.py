@@ -406,14 +406,11 @@ def projector_not_from_pretrain(ctx: Context) -> Iterable[Hit]:
             != tuple(nl.wf.tensors[nl_proj[r]].shape) for r in nl_proj):
         raise Skip(f"{start_desc} does not have the fine-tuned projector's keys and shapes "
                    "(LD306/LD304 report it)")
-    ft = ctx.tensors(nl.wf, list(nl_proj.values()))
     diff_sq = ref_sq = 0.0
     per: dict[str, float] = {}
     for r in sorted(nl_proj):
         wf, name = start_wf[r]
-        ref = ctx.tensors(wf, [name])[name].double()
-        d = float((ft[nl_proj[r]].double() - ref).norm()) ** 2
-        n = float(ref.norm()) ** 2
+        d, n = _squared_distance(ctx, nl.wf, nl_proj[r], wf, name)
         diff_sq += d
         ref_sq += n
         if n > 0:
@@ -436,6 +433,21 @@ def projector_not_from_pretrain(ctx: Context) -> Iterable[Hit]:
               evidence={"distance": round(dist, 6), "per_tensor": {k: round(v, 6)
                                                                    for k, v in per.items()},
                         "threshold": DISTANCE_THRESHOLD, "reference": start_desc})
+
+
+def _squared_distance(ctx: Context, a: WeightFile, name_a: str, b: WeightFile, name_b: str,
+                      ) -> tuple[float, float]:
+    """(||a - b||^2, ||b||^2) in float64, streamed in bounded chunks."""
+    import numpy as np
+
+    d = n = 0.0
+    with np.errstate(all="ignore"):  # inf - inf is NaN, as in torch; LD205 reports it
+        for x, y in ctx.paired_values(a, name_a, b, name_b):
+            y64 = y.astype(np.float64)
+            diff = x.astype(np.float64) - y64
+            d += float(np.dot(diff, diff))
+            n += float(np.dot(y64, y64))
+    return d, n
 
 
 # --- LD304 -------------------------------------------------------------------------------------
