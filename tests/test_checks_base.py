@@ -69,7 +69,8 @@ def test_ld401_no_base_is_one_info_and_the_rest_skip(tmp_path: Path, w: dict[str
         ("LD401", Severity.info, str(run / "adapter_config.json"))]
     msg = rep.findings[0].message
     assert "'lmsys/vicuna-tiny-v1.5'" in msg and "--base /path/to/vicuna-tiny-v1.5" in msg
-    assert "huggingface-cli download lmsys/vicuna-tiny-v1.5" in msg
+    # the current Hugging Face CLI; `huggingface-cli download` is deprecated
+    assert "(`hf download lmsys/vicuna-tiny-v1.5`)" in msg and "huggingface-cli" not in msg
     skipped = {c.code: c.reason for t in rep.targets for c in t.checks
                if c.status == CheckStatus.skipped}
     assert set(skipped) == {"LD402", "LD403", "LD404", "LD405", "LD407"}

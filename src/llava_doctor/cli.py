@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -15,10 +16,6 @@ from llava_doctor.errors import DoctorError, UsageError
 from llava_doctor.models import Severity
 from llava_doctor.report import RENDERERS
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
-                  help="Diagnose, repair and merge LLaVA LoRA runs without executing a pickle.")
-
-# Options declared once, reused by every command.
 BaseOpt = Annotated[Path | None, typer.Option("--base", help="The base model the LoRA was "
                                                  "trained on (default: adapter_config.json's "
                                                  "base_model_name_or_path if local or cached).")]
@@ -33,6 +30,27 @@ IgnoreOpt = Annotated[list[str] | None, typer.Option("--ignore", help="Skip thes
                                                         "prefixes (repeatable).")]
 
 
+class Command(typer.core.TyperCommand):
+    """Usage lines as click writes them: a required argument is `LORA_DIR`, not `{LORA_DIR}`
+    (typer >= 0.2x wraps required arguments in braces, which reads like a placeholder)."""
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:  # type: ignore[override]
+        pieces = super().collect_usage_pieces(ctx)
+        return [re.sub(r"^\{([^{}]+)\}", r"\1", p) for p in pieces]
+
+
+class _App(typer.Typer):
+    """Every command registered on the app (here or in `commands/`) gets `Command`'s usage."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("cls", Command)
+        return super().command(*args, **kwargs)
+
+
+app = _App(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+           help="Diagnose, repair and merge LLaVA LoRA runs without executing a pickle.")
+
+# Options declared once, reused by every command.
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
 
@@ -44,6 +62,17 @@ def _fail(err: DoctorError) -> typer.Exit:
 
 def _color() -> bool:
     return sys.stdout.isatty() and "NO_COLOR" not in os.environ
+
+
+def _check_progress(fmt: str) -> Any:
+    """A progress line on stderr for runs longer than a second: on a terminal, never for json."""
+    import contextlib
+
+    if fmt == "json" or not sys.stderr.isatty():
+        return contextlib.nullcontext(None)
+    from llava_doctor.commands.progress import CheckProgress
+
+    return CheckProgress()
 
 
 def _installed_peft() -> str | None:
@@ -167,8 +196,10 @@ def check(
                        fast=fast, scan_base=scan_base, out=out,
                        to=to if to == "llava-hf" else None, vision_tower=vision_tower)
         progress = (lambda p: _stderr(f"llava-doctor: checking {p}")) if verbose else None
-        report = run_checks(targets, opts, select=sel, ignore=ign,
-                            jobs=jobs or (os.cpu_count() or 1), on_target=progress)
+        with _check_progress(fmt.value) as observer:
+            report = run_checks(targets, opts, select=sel, ignore=ign,
+                                jobs=jobs or (os.cpu_count() or 1), on_target=progress,
+                                observer=observer)
         report = cfg.apply(report)
         if env:
             from llava_doctor.envinfo import EnvOptions, gather
@@ -201,7 +232,7 @@ def check(
 
 @app.command()
 def inspect(
-    path: Annotated[Path, typer.Argument(help="A weight file or a directory.")],
+    path: Annotated[Path, typer.Argument(metavar="PATH", help="A weight file or a directory.")],
     fmt: Annotated[str, typer.Option("--format", help="text | json")] = "text",
     all_rows: Annotated[bool, typer.Option("--all", help="List every tensor.")] = False,
 ) -> None:
@@ -223,7 +254,8 @@ def inspect(
 
 @app.command()
 def explain(
-    code: Annotated[str | None, typer.Argument(help="A finding code, e.g. LD101.")] = None,
+    code: Annotated[str | None, typer.Argument(metavar="CODE",
+                                               help="A finding code, e.g. LD101.")] = None,
     all_codes: Annotated[bool, typer.Option("--all", help="List every code.")] = False,
 ) -> None:
     """Print a check's documentation (What it does / Why is this bad / Example / Fix)."""

@@ -82,8 +82,8 @@ def base_incomplete(ctx: Context) -> Iterable[Hit]:
     recorded = _recorded_base(ctx)
     if res.path is None:
         name = (recorded or "vicuna-7b-v1.5").rstrip("/").split("/")[-1]
-        hub = (f", or put '{recorded}' into the local Hugging Face cache (`huggingface-cli "
-               f"download {recorded}`)" if recorded and recorded.count("/") == 1
+        hub = (f", or put '{recorded}' into the local Hugging Face cache (`hf download "
+               f"{recorded}`)" if recorded and recorded.count("/") == 1
                and not recorded.startswith((".", "/", "~")) else "")
         yield Hit(f"no base model for {ctx.path}: {res.note}. The base-model checks were "
                   f"skipped; pass the base the LoRA was trained on with `llava-doctor check "

@@ -25,7 +25,8 @@ def _progress(msg: str) -> None:
 
 
 def fix(
-    lora_dir: Annotated[Path, typer.Argument(help="The LoRA output dir or checkpoint-N dir.")],
+    lora_dir: Annotated[Path, typer.Argument(
+        metavar="LORA_DIR", help="The LoRA output dir or checkpoint-N dir.")],
     base: BaseOpt = None,
     projector: ProjectorOpt = None,
     peft_version: PeftOpt = None,

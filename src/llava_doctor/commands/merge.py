@@ -121,7 +121,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command("merge")
     def merge_cmd(
-        lora_dir: Annotated[Path, typer.Argument(help="The LoRA output directory.")],
+        lora_dir: Annotated[Path, typer.Argument(metavar="LORA_DIR",
+                                                 help="The LoRA output directory.")],
         out: Annotated[Path, typer.Option("--out", help="Directory to create for the merged "
                                           "model (must not exist unless --overwrite).")],
         base: BaseOpt = None,

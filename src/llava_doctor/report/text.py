@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import textwrap
 
-from llava_doctor.models import CheckStatus, Report, Severity
+from llava_doctor.models import CheckOutcome, CheckStatus, Finding, Report, Severity
 
 _MARK = {Severity.error: "✗", Severity.warning: "!", Severity.info: "•"}
 _COLOR = {Severity.error: "31", Severity.warning: "33", Severity.info: "36"}
@@ -29,6 +29,36 @@ def _rel(p: str | None) -> str:
         return p if r.startswith("..") else r
     except ValueError:
         return p
+
+
+def _outcomes(checks: list[CheckOutcome], found: list[Finding]) -> str:
+    """'33 checks passed, 1 with warnings, 1 with info only, 3 skipped': a check whose only
+    findings are info did not fail, so it is not counted as failed."""
+    worst: dict[str, Severity] = {}
+    for f in found:
+        if f.code not in worst or f.severity.rank > worst[f.code].rank:
+            worst[f.code] = f.severity
+    by = {s: 0 for s in CheckStatus}
+    graded = {s: 0 for s in Severity}
+    for o in checks:
+        if o.status == CheckStatus.failed and o.code in worst:
+            graded[worst[o.code]] += 1
+        else:
+            by[o.status] += 1
+    parts = [f"{by[CheckStatus.passed]} checks passed"]
+    failed = by[CheckStatus.failed] + graded[Severity.error]
+    if failed:
+        parts.append(f"{failed} failed")
+    if graded[Severity.warning]:
+        parts.append(f"{graded[Severity.warning]} with warnings")
+    if graded[Severity.info]:
+        parts.append(f"{graded[Severity.info]} with info only")
+    if not failed and not graded[Severity.warning] and not graded[Severity.info]:
+        parts.append("0 failed")
+    parts.append(f"{by[CheckStatus.skipped]} skipped")
+    if by[CheckStatus.crashed]:
+        parts.append(f"{by[CheckStatus.crashed]} crashed")
+    return ", ".join(parts)
 
 
 def render_text(report: Report, *, color: bool = False, verbose: bool = False,
@@ -55,14 +85,7 @@ def render_text(report: Report, *, color: bool = False, verbose: bool = False,
             if f.fix.value != "none":
                 cmd = "llava-doctor fix --unsafe" if f.fix.value == "unsafe" else "llava-doctor fix"
                 lines.append(f"      fix ({f.fix.value}): `{cmd}`")
-        by = {s: 0 for s in CheckStatus}
-        for o in target.checks:
-            by[o.status] += 1
-        summary = (f"  {_c('✓', '32', color)} {by[CheckStatus.passed]} checks passed, "
-                   f"{by[CheckStatus.failed]} failed, {by[CheckStatus.skipped]} skipped")
-        if by[CheckStatus.crashed]:
-            summary += f", {by[CheckStatus.crashed]} crashed"
-        lines.append(summary)
+        lines.append(f"  {_c('✓', '32', color)} " + _outcomes(target.checks, found))
         if verbose:
             for o in target.checks:
                 if o.status == CheckStatus.skipped:
