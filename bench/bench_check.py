@@ -1,19 +1,24 @@
-"""`check`/`inspect` time against model size, and value-check throughput against a plain read.
+"""`check`/`inspect` time against model size, and the default (value-reading) check as a
+whole process against `cat` of the same files.
 
 Builds (once, under --dir) a tiny artifact set and 7B- and 13B-shaped sets whose weights have real
-headers and sparse (hole) data, then prints, in one run, side by side:
+headers and sparse (hole) data, plus two 7B-shaped LoRA runs with real random bf16 values (r=128,
+~640 MB adapter, and r=512, 4x that), then prints, in one run, side by side:
 
   * `inspect` and `check --fast` wall time per set, and the ratio to the tiny set (headers only:
     the ratio should stay near 1 whatever the model size);
-  * value checks (`check` without `--fast`, the checks that read tensors) on a 7B r=128 adapter of
-    real random bf16 data (~640 MB) next to a plain sequential read of the same files.
+  * `llava-doctor check RUN --base B --projector P` (the default: value checks), the same with
+    `--fast`, and `cat` of the adapter, non_lora_trainables.bin and projector, each as a whole
+    process: median wall time and peak RSS (from wait4), and the peak-RSS ratio of the two runs.
 
-Usage: python bench/bench_check.py [--dir bench/out/check] [--repeat 5] [--no-13b]
+Usage: python bench/bench_check.py [--dir bench/out/check] [--repeat 5] [--no-13b] [--no-large]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import subprocess
 import sys
@@ -59,13 +64,32 @@ def timeit(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def sequential_read(paths: list[Path], chunk: int = 16 << 20) -> int:
-    n = 0
-    for p in paths:
-        with p.open("rb") as f:
-            while b := f.read(chunk):
-                n += len(b)
-    return n
+def build_value_run(root: Path, r: int, pretrain: Path) -> Path:
+    """A 7B-shaped LoRA at rank ``r`` with real random (non-zero) bf16 values on disk."""
+    lora = root / "llava-bench-values-lora"
+    if not (root / ".complete").exists():
+        print(f"building {lora} (r={r}) ...", file=sys.stderr)
+        build_lora(lora, LLAMA_7B, base="lmsys/vicuna-7b-v1.5", r=r, alpha=2 * r,
+                   projector_from=pretrain)
+        (root / ".complete").touch()
+    return lora
+
+
+def run_process(cmd: list[str], repeat: int) -> tuple[float, int]:
+    """Median wall time and largest peak RSS (bytes) of ``cmd`` as a whole process."""
+    walls, peaks = [], []
+    for i in range(repeat + 1):
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode not in (0, 1):
+            raise SystemExit(f"{cmd} exited {proc.returncode}")
+        if i:  # the first run warms the page cache
+            walls.append(wall)
+            peaks.append(usage.ru_maxrss * 1024)  # Linux reports KiB
+    return statistics.median(walls), max(peaks)
 
 
 def main() -> int:
@@ -73,6 +97,7 @@ def main() -> int:
     ap.add_argument("--dir", type=Path, default=Path("bench/out/check"))
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-13b", action="store_true")
+    ap.add_argument("--no-large", action="store_true", help="skip the 4x (r=512, ~2.5 GB) adapter")
     args = ap.parse_args()
 
     sets = {"tiny": (TINY, False), "7B": (LLAMA_7B, True)}
@@ -105,26 +130,37 @@ def main() -> int:
     print("(in-process times grow with the number of tensors, not bytes; the CLI column is the "
           "whole command, interpreter start-up included)")
 
-    print("\n== value checks on a 7B r=128 adapter of real data vs a plain sequential read ==")
-    vroot = args.dir / "7B-values"
-    lora = vroot / "llava-bench-values-lora"
-    if not (vroot / ".complete").exists():
-        build_lora(lora, LLAMA_7B, base="lmsys/vicuna-7b-v1.5", r=128, alpha=256,
-                   projector_from=built["7B"]["pretrain"])
-        (vroot / ".complete").touch()
-    files = [lora / "adapter_model.safetensors", lora / "non_lora_trainables.bin",
-             built["7B"]["pretrain"] / "mm_projector.bin"]
-    nbytes = sum(p.stat().st_size for p in files)
-    t_read = timeit(lambda: sequential_read(files), max(1, args.repeat // 2))
-    opts = Options(projector=built["7B"]["pretrain"] / "mm_projector.bin")
-    rep = run_checks([lora], opts, select=VALUE_CHECKS)
-    ran = [o.code for o in rep.targets[0].checks if o.status.value in ("passed", "failed")]
-    t_vals = timeit(lambda: run_checks([lora], opts, select=VALUE_CHECKS), max(1, args.repeat // 2))
-    print(f"files: {nbytes / 1e6:.0f} MB ({', '.join(p.name for p in files)}); checks run: "
-          f"{', '.join(ran)}")
-    print(f"{'plain sequential read':<24} {t_read:>7.2f}s {nbytes / t_read / 1e6:>8.0f} MB/s  1.00x")
-    print(f"{'value checks':<24} {t_vals:>7.2f}s {nbytes / t_vals / 1e6:>8.0f} MB/s "
-          f"{t_vals / t_read:>5.2f}x")
+    value_runs = {"7B r=128": 128} if args.no_large else {"7B r=128": 128, "7B r=512": 512}
+    print("\n== the default check (value checks) as whole processes, next to `cat` of the same "
+          "files ==")
+    print("(warm page cache; wall: median of the runs; peak RSS: largest of the runs)")
+    print(f"{'run':<10} {'files':>8} {'command':<44} {'wall':>7} {'peak RSS':>9}")
+    peaks: dict[str, int] = {}
+    for label, r in value_runs.items():
+        lora = build_value_run(args.dir / f"7B-values-r{r}", r, built["7B"]["pretrain"])
+        pre = built["7B"]["pretrain"] / "mm_projector.bin"
+        files = [lora / "adapter_model.safetensors", lora / "non_lora_trainables.bin", pre]
+        nbytes = sum(p.stat().st_size for p in files)
+        check = [sys.executable, "-m", "llava_doctor", "check", str(lora), "--base",
+                 str(built["7B"]["base"]), "--projector", str(pre), "--format", "json"]
+        jobs = {
+            "llava-doctor check RUN --base B --projector P": check,
+            "llava-doctor check ... --fast": [*check, "--fast"],
+            "cat adapter non_lora projector > /dev/null": ["cat", *map(str, files)],
+        }
+        rep = json.loads(subprocess.run(check, capture_output=True, text=True).stdout)
+        ran = sorted(o["code"] for t in rep["targets"] for o in t["checks"]
+                     if o["code"] in VALUE_CHECKS and o["status"] in ("passed", "failed"))
+        for name, cmd in jobs.items():
+            wall, rss = run_process(cmd, args.repeat)
+            if name.endswith("--projector P"):
+                peaks[label] = rss
+            print(f"{label:<10} {nbytes / 1e6:>6.0f}MB {name:<44} {wall:>6.2f}s "
+                  f"{rss / 1e6:>7.0f}MB")
+        print(f"{'':<10} value checks that read values: {', '.join(ran)}")
+    if len(peaks) == 2:
+        small, large = peaks.values()
+        print(f"peak RSS of the default check, 4x adapter / 1x adapter: {large / small:.2f}")
     return 0
 
 

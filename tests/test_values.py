@@ -170,6 +170,23 @@ def test_written_files_of_every_dtype_and_layout(tmp_path: Path, chunk_bytes) ->
         assert_same_values(p, chunk_bytes)
 
 
+def test_two_reader_threads_give_the_same_results(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(values, "PARALLEL_BYTES", 0)  # every file is "large"
+    zoo = dtype_zoo(chunk_elems=16)
+    save_file({k: v for k, v in zoo.items() if k != "complex"}, str(tmp_path / "zoo.safetensors"))
+    torch.save(zoo, tmp_path / "zoo.bin")
+    torch.save(strided_zoo(), tmp_path / "strided-legacy.bin",
+               _use_new_zipfile_serialization=False)
+    for p in sorted(tmp_path.iterdir()):
+        assert_same_values(p, 64)
+        wf = read_weight_file(p)
+        seen: list[int] = []
+        file_stats(wf, chunk_bytes=64, progress=lambda d, t, seen=seen: seen.append(d))
+        assert seen == sorted(seen) and seen[-1] == sum(
+            t.nbytes for t in wf.tensors.values() if values.numpy_readable(t.dtype))
+
+
 def test_chunks_stay_bounded(tmp_path: Path) -> None:
     p = tmp_path / "w.safetensors"
     save_file({"a": torch.randn(1000, 33).bfloat16(), "b": torch.randn(5000)}, str(p))
