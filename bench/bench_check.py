@@ -75,9 +75,10 @@ def build_value_run(root: Path, r: int, pretrain: Path) -> Path:
     return lora
 
 
-def run_process(cmd: list[str], repeat: int) -> tuple[float, int]:
-    """Median wall time and largest peak RSS (bytes) of ``cmd`` as a whole process."""
-    walls, peaks = [], []
+def run_process(cmd: list[str], repeat: int) -> tuple[float, float, int]:
+    """Median wall time, median CPU time (user + system) and largest peak RSS (bytes) of
+    ``cmd`` as a whole process. CPU time moves much less than wall time on a busy machine."""
+    walls, cpus, peaks = [], [], []
     for i in range(repeat + 1):
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -88,8 +89,9 @@ def run_process(cmd: list[str], repeat: int) -> tuple[float, int]:
             raise SystemExit(f"{cmd} exited {proc.returncode}")
         if i:  # the first run warms the page cache
             walls.append(wall)
+            cpus.append(usage.ru_utime + usage.ru_stime)
             peaks.append(usage.ru_maxrss * 1024)  # Linux reports KiB
-    return statistics.median(walls), max(peaks)
+    return statistics.median(walls), statistics.median(cpus), max(peaks)
 
 
 def main() -> int:
@@ -133,8 +135,9 @@ def main() -> int:
     value_runs = {"7B r=128": 128} if args.no_large else {"7B r=128": 128, "7B r=512": 512}
     print("\n== the default check (value checks) as whole processes, next to `cat` of the same "
           "files ==")
-    print("(warm page cache; wall: median of the runs; peak RSS: largest of the runs)")
-    print(f"{'run':<10} {'files':>8} {'command':<44} {'wall':>7} {'peak RSS':>9}")
+    print("(warm page cache; wall and CPU (user+sys): medians of the runs; peak RSS: largest of "
+          f"the runs; load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+    print(f"{'run':<10} {'files':>8} {'command':<44} {'wall':>7} {'CPU':>7} {'peak RSS':>9}")
     peaks: dict[str, int] = {}
     for label, r in value_runs.items():
         lora = build_value_run(args.dir / f"7B-values-r{r}", r, built["7B"]["pretrain"])
@@ -147,15 +150,16 @@ def main() -> int:
             "llava-doctor check RUN --base B --projector P": check,
             "llava-doctor check ... --fast": [*check, "--fast"],
             "cat adapter non_lora projector > /dev/null": ["cat", *map(str, files)],
+            "python -c 'import torch' (for scale)": [sys.executable, "-c", "import torch"],
         }
         rep = json.loads(subprocess.run(check, capture_output=True, text=True).stdout)
         ran = sorted(o["code"] for t in rep["targets"] for o in t["checks"]
                      if o["code"] in VALUE_CHECKS and o["status"] in ("passed", "failed"))
         for name, cmd in jobs.items():
-            wall, rss = run_process(cmd, args.repeat)
+            wall, cpu, rss = run_process(cmd, args.repeat)
             if name.endswith("--projector P"):
                 peaks[label] = rss
-            print(f"{label:<10} {nbytes / 1e6:>6.0f}MB {name:<44} {wall:>6.2f}s "
+            print(f"{label:<10} {nbytes / 1e6:>6.0f}MB {name:<44} {wall:>6.2f}s {cpu:>6.2f}s "
                   f"{rss / 1e6:>7.0f}MB")
         print(f"{'':<10} value checks that read values: {', '.join(ran)}")
     if len(peaks) == 2:

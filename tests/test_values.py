@@ -151,6 +151,7 @@ def strided_zoo() -> dict[str, torch.Tensor]:
     return {"base": base, "transposed": base.t(), "rows": base[1:4], "cols": base[:, 5:31:3],
             "f32-t": big.t(), "f32-step": big[::5, ::2], "f32-scalar": big[3, 4],
             "expanded": torch.tensor([1.5, float("nan")]).expand(7, 2),
+            "expanded-rows": big[4:6, :3].unsqueeze(1).expand(2, 5, 3),
             "f16-view": big.half()[2:9].t()}
 
 
@@ -185,6 +186,17 @@ def test_two_reader_threads_give_the_same_results(tmp_path: Path,
         file_stats(wf, chunk_bytes=64, progress=lambda d, t, seen=seen: seen.append(d))
         assert seen == sorted(seen) and seen[-1] == sum(
             t.nbytes for t in wf.tensors.values() if values.numpy_readable(t.dtype))
+
+
+def test_an_expanded_tensor_is_read_once_not_once_per_repeat(tmp_path: Path) -> None:
+    # 2**40 elements that are one stored value and one NaN (a hostile or odd file): the stats
+    # come from the two stored values, the NaN counted once per repeat.
+    t = torch.tensor([[-3.0], [float("nan")]]).expand(2, 2**39)
+    torch.save({"t": t}, tmp_path / "x.bin")
+    wf = read_weight_file(tmp_path / "x.bin")
+    assert wf.tensors["t"].stride == (1, 0)
+    s = file_stats(wf)["t"]
+    assert (s.numel, s.nonfinite, s.max_abs, s.all_zero) == (2**40, 2**39, 3.0, False)
 
 
 def test_chunks_stay_bounded(tmp_path: Path) -> None:

@@ -1,4 +1,9 @@
-"""One pass over a tensor for every value check (NaN/Inf, fp16 overflow, all-zero).
+"""What the value checks need to know about a tensor (NaN/Inf, fp16 overflow, all-zero).
+
+`TensorStats` is what `Context.all_stats` returns; `check` computes it with numpy while
+streaming the file (`artifacts/values.py`). `tensor_stats` computes it from a torch tensor: the
+fallback for dtypes numpy has no type for (float8, ...) and the reference the tests hold the
+numpy path to.
 
 Finite tensors take one vectorised `aminmax` pass. Tensors holding NaN/Inf are viewed as
 integers: with the sign bit cleared, IEEE bit patterns order like magnitudes, so the NaN/Inf

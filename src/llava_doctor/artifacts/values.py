@@ -199,17 +199,19 @@ class ValueReader:
         The arrays have the stored numpy type in native byte order (bf16 as raw ``uint16``);
         raises KeyError for a dtype numpy cannot read (see :func:`numpy_readable`).
         """
-        base = np.dtype(_NP[info.dtype]).newbyteorder(self._order)
-        size = base.itemsize
         if info.numel == 0:
             return
         loc = self._locate(info)
+        yield from self._chunks(info, loc, loc.shape)
+
+    def _chunks(self, info: TensorInfo, loc: _Located, shape: tuple[int, ...],
+                ) -> Iterator[np.ndarray]:
+        base = np.dtype(_NP[info.dtype]).newbyteorder(self._order)
+        size = base.itemsize
         limit = max(1, self.chunk_bytes // size)
-        if _contiguous(loc.shape, loc.stride):
-            shape: tuple[int, ...] = (info.numel,)
-            stride: tuple[int, ...] = (1,)
-        else:
-            shape, stride = loc.shape, loc.stride
+        stride = loc.stride
+        if _contiguous(shape, stride):
+            shape, stride = (prod(shape),), (1,)
         swap = not base.isnative
         for off, pshape, pstride in _pieces(0, shape, stride, limit):
             n = prod(pshape)
@@ -230,10 +232,19 @@ class ValueReader:
         if not numpy_readable(info.dtype):
             return _torch_stats(self.wf, info)
         acc = _Acc(info.dtype)
-        for arr in self.raw_chunks(info):
+        if info.numel == 0:
+            return acc.result(0)
+        loc = self._locate(info)
+        # A dimension of stride 0 (an expanded tensor) repeats the same values: read them once
+        # and count NaN/Inf once per repeat, instead of walking every repeat.
+        shape = tuple(1 if st == 0 else d for d, st in zip(loc.shape, loc.stride, strict=True))
+        repeats = info.numel // prod(shape)
+        itemsize = max(1, info.nbytes // info.numel)
+        for arr in self._chunks(info, loc, shape):
             acc.add(arr)
             if progress is not None:
-                progress(arr.size * arr.itemsize)
+                progress(arr.size * itemsize * repeats)
+        acc.nonfinite *= repeats
         return acc.result(info.numel)
 
     def values(self, info: TensorInfo, chunk_elems: int) -> Iterator[np.ndarray]:
