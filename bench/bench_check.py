@@ -75,22 +75,29 @@ def build_value_run(root: Path, r: int, pretrain: Path) -> Path:
     return lora
 
 
+TIME = "/usr/bin/time"  # GNU time: the rusage of the command itself (see run_process)
+
+
 def run_process(cmd: list[str], repeat: int) -> tuple[float, float, int]:
     """Median wall time, median CPU time (user + system) and largest peak RSS (bytes) of
-    ``cmd`` as a whole process. CPU time moves much less than wall time on a busy machine."""
+    ``cmd`` as a whole process. CPU time moves much less than wall time on a busy machine.
+
+    The command runs under GNU time: Linux carries a process's peak RSS across exec, so a
+    child forked straight from this (large) Python process would report our own peak.
+    """
     walls, cpus, peaks = [], [], []
     for i in range(repeat + 1):
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.run([TIME, "-f", "%U %S %M", *cmd], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
         wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode not in (0, 1):
-            raise SystemExit(f"{cmd} exited {proc.returncode}")
+            raise SystemExit(f"{cmd} exited {proc.returncode}: {proc.stderr[-500:]}")
+        user, system, kib = proc.stderr.strip().splitlines()[-1].split()
         if i:  # the first run warms the page cache
             walls.append(wall)
-            cpus.append(usage.ru_utime + usage.ru_stime)
-            peaks.append(usage.ru_maxrss * 1024)  # Linux reports KiB
+            cpus.append(float(user) + float(system))
+            peaks.append(int(kib) * 1024)
     return statistics.median(walls), statistics.median(cpus), max(peaks)
 
 
