@@ -12,6 +12,7 @@ headers and sparse (hole) data, plus two 7B-shaped LoRA runs with real random bf
     process: median wall time and peak RSS (from wait4), and the peak-RSS ratio of the two runs.
 
 Usage: python bench/bench_check.py [--dir bench/out/check] [--repeat 5] [--no-13b] [--no-large]
+       [--values-only]
 """
 
 from __future__ import annotations
@@ -101,34 +102,21 @@ def run_process(cmd: list[str], repeat: int) -> tuple[float, float, int]:
     return statistics.median(walls), statistics.median(cpus), max(peaks)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--dir", type=Path, default=Path("bench/out/check"))
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--no-13b", action="store_true")
-    ap.add_argument("--no-large", action="store_true", help="skip the 4x (r=512, ~2.5 GB) adapter")
-    args = ap.parse_args()
-
-    sets = {"tiny": (TINY, False), "7B": (LLAMA_7B, True)}
-    if not args.no_13b:
-        sets["13B"] = (LLAMA_13B, True)
-    print(f"building artifact sets under {args.dir} (cached between runs) ...", file=sys.stderr)
-    built = {name: build_set(args.dir / name, dims, sparse) for name, (dims, sparse) in sets.items()}
-
+def headers_section(built: dict[str, dict[str, Path]], repeat: int) -> None:
     print("\n== headers only: time does not grow with model size ==")
     print(f"{'set':<6} {'base size':>10} {'tensors':>8} {'inspect base':>13} {'ratio':>6} "
           f"{'check --fast':>13} {'ratio':>6} {'CLI process':>12} {'ratio':>6}")
     ref: dict[str, float] = {}
     for name, paths in built.items():
         size = sum(p.stat().st_size for p in paths["base"].glob("*.safetensors"))
-        t_inspect = timeit(lambda p=paths: inspect_path(p["base"]), args.repeat)
+        t_inspect = timeit(lambda p=paths: inspect_path(p["base"]), repeat)
         opts = Options(base=paths["base"], projector=paths["pretrain"] / "mm_projector.bin",
                        fast=True)
-        t_check = timeit(lambda p=paths, o=opts: run_checks([p["lora"]], o), args.repeat)
+        t_check = timeit(lambda p=paths, o=opts: run_checks([p["lora"]], o), repeat)
         cmd = [sys.executable, "-m", "llava_doctor", "check", "--fast", str(paths["lora"]),
                "--base", str(paths["base"]), "--projector",
                str(paths["pretrain"] / "mm_projector.bin")]
-        t_cli = timeit(lambda c=cmd: subprocess.run(c, capture_output=True), args.repeat)
+        t_cli = timeit(lambda c=cmd: subprocess.run(c, capture_output=True), repeat)
         ntensors = inspect_path(paths["base"]).tensor_count
         ref.setdefault("inspect", t_inspect)
         ref.setdefault("check", t_check)
@@ -138,6 +126,26 @@ def main() -> int:
               f"{t_check / ref['check']:>5.2f}x {t_cli:>11.2f}s {t_cli / ref['cli']:>5.2f}x")
     print("(in-process times grow with the number of tensors, not bytes; the CLI column is the "
           "whole command, interpreter start-up included)")
+
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", type=Path, default=Path("bench/out/check"))
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--no-13b", action="store_true")
+    ap.add_argument("--no-large", action="store_true", help="skip the 4x (r=512, ~2.5 GB) adapter")
+    ap.add_argument("--values-only", action="store_true", help="only the default-check section")
+    args = ap.parse_args()
+
+    sets = {"tiny": (TINY, False), "7B": (LLAMA_7B, True)}
+    if not args.no_13b:
+        sets["13B"] = (LLAMA_13B, True)
+    print(f"building artifact sets under {args.dir} (cached between runs) ...", file=sys.stderr)
+    built = {name: build_set(args.dir / name, dims, sparse) for name, (dims, sparse) in sets.items()}
+
+    if not args.values_only:
+        headers_section(built, args.repeat)
 
     value_runs = {"7B r=128": 128} if args.no_large else {"7B r=128": 128, "7B r=512": 512}
     print("\n== the default check (value checks) as whole processes, next to `cat` of the same "
