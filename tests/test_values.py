@@ -171,6 +171,38 @@ def test_written_files_of_every_dtype_and_layout(tmp_path: Path, chunk_bytes) ->
         assert_same_values(p, chunk_bytes)
 
 
+def test_big_endian_zip_records_are_byte_swapped(tmp_path: Path) -> None:
+    """A torch zip whose `byteorder` record says big (written on a big-endian machine): every
+    storage's bytes are swapped, and torch.load swaps them back; so must we."""
+    import zipfile
+
+    from llava_doctor.artifacts.pickle_walk import ITEMSIZE
+
+    zoo = {k: v for k, v in dtype_zoo(chunk_elems=8).items() if k != "complex"}
+    torch.save({**zoo, **strided_zoo()}, tmp_path / "little.bin")
+    wf = read_weight_file(tmp_path / "little.bin")
+    sizes = {t.storage_key: ITEMSIZE[t.dtype] for t in wf.tensors.values()}
+    big = tmp_path / "big.bin"
+    with zipfile.ZipFile(tmp_path / "little.bin") as src, \
+            zipfile.ZipFile(big, "w", compression=zipfile.ZIP_STORED) as out:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            parts = info.filename.split("/")
+            if parts[-1] == "byteorder":
+                data = b"big"
+            elif len(parts) == 3 and parts[1] == "data" and sizes.get(parts[2], 1) > 1:
+                n = sizes[parts[2]]
+                data = np.frombuffer(data, dtype=f"<u{n}").byteswap().tobytes()
+            out.writestr(info, data)
+    wf = read_weight_file(big)
+    assert wf.byteorder == "big"
+    for chunk_bytes in (None, 64):
+        assert_same_values(big, chunk_bytes)
+    ref = torch_tensors(big)
+    for name, t in zoo.items():  # torch.load swapped them back to the values saved
+        assert torch.equal(ref[name].nan_to_num(), t.nan_to_num()), name
+
+
 def test_two_reader_threads_give_the_same_results(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(values, "PARALLEL_BYTES", 0)  # every file is "large"
