@@ -43,6 +43,10 @@ from llava_doctor.errors import FileCorruptError
 #: enough to stay in the CPU caches between the read and the reductions.
 CHUNK_BYTES = 4 << 20
 
+#: Side-by-side reads (LD303, LD108) decode and compute in float64 per chunk: smaller chunks
+#: keep the temporaries in cache (measured: 2x less CPU than 4 MB chunks).
+PAIR_CHUNK_BYTES = 256 << 10
+
 #: Files with at least this many value bytes are read by two threads.
 PARALLEL_BYTES = 64 << 20
 
@@ -453,6 +457,8 @@ def paired_values(a: WeightFile, name_a: str, b: WeightFile, name_b: str, *,
     # wider of the two decoded types.
     width = max(4 if t.dtype == "BF16" else np.dtype(_NP[t.dtype]).itemsize
                 if numpy_readable(t.dtype) else 16 for t in (ia, ib))
+    if chunk_bytes is None:
+        chunk_bytes = min(CHUNK_BYTES, PAIR_CHUNK_BYTES)
     with ValueReader(a, chunk_bytes) as ra, ValueReader(b, chunk_bytes) as rb:
         n = max(1, ra.chunk_bytes // width)
         for x, y in zip(ra.values(ia, n), rb.values(ib, n), strict=True):
