@@ -148,7 +148,8 @@ def test_summary_names_each_kind_of_finding(scenarios: dict[str, Path]) -> None:
 @pytest.mark.parametrize("command,usage", [("merge", "[OPTIONS] LORA_DIR"),
                                            ("fix", "[OPTIONS] LORA_DIR"),
                                            ("inspect", "[OPTIONS] PATH"),
-                                           ("explain", "[OPTIONS] [CODE]")])
+                                           ("explain", "[OPTIONS] [CODE]"),
+                                           ("convert", "[OPTIONS] LLAVA_DIR")])
 def test_usage_lines_name_arguments_in_capitals(command: str, usage: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-m", "llava_doctor", command, "--help"],
@@ -156,3 +157,25 @@ def test_usage_lines_name_arguments_in_capitals(command: str, usage: str) -> Non
     first = out.splitlines()[0]
     assert first.endswith(f"{command} {usage}"), first
     assert "{" not in first
+
+
+def test_every_command_names_its_arguments_in_capitals() -> None:
+    """Commands added later get the same usage line without declaring a metavar."""
+    import typer
+
+    from llava_doctor.cli import app
+
+    group = typer.main.get_command(app)
+    names = sorted(group.commands)  # type: ignore[attr-defined]
+    assert {"check", "fix", "merge", "inspect", "explain"} <= set(names)
+    for name in names:
+        cmd = group.commands[name]  # type: ignore[attr-defined]
+        with cmd.make_context(name, ["--help"], resilient_parsing=True) as ctx:
+            usage = cmd.get_usage(ctx)
+        assert "{" not in usage, usage
+        for p in cmd.params:
+            if not isinstance(p, typer.core.TyperArgument):
+                continue
+            assert p.metavar is not None, (name, p.name)
+            if "|" not in p.metavar:  # a choice lists its values as they are typed
+                assert p.metavar == p.metavar.upper(), (name, p.name, p.metavar)

@@ -31,8 +31,15 @@ IgnoreOpt = Annotated[list[str] | None, typer.Option("--ignore", help="Skip thes
 
 
 class Command(typer.core.TyperCommand):
-    """Usage lines as click writes them: a required argument is `LORA_DIR`, not `{LORA_DIR}`
-    (typer >= 0.2x wraps required arguments in braces, which reads like a placeholder)."""
+    """Arguments as click writes them: a required argument is `LORA_DIR`, not `{lora_dir}`
+    (typer >= 0.2x writes the lower-case name and wraps required arguments in braces, which
+    reads like a placeholder left unfilled)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for p in self.params:
+            if isinstance(p, typer.core.TyperArgument) and p.metavar is None and p.name:
+                p.metavar = p.name.upper()
 
     def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:  # type: ignore[override]
         pieces = super().collect_usage_pieces(ctx)
