@@ -96,6 +96,7 @@ class ShardWriter:
 
     def __init__(self, path: Path, header: bytes, data_size: int, *, durable: bool = True):
         self.path = path
+        self.header = header
         self.size = len(header) + data_size
         self.durable = durable
         try:
