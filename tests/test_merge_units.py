@@ -383,3 +383,64 @@ def test_verification_catches_corruption(world: dict[str, Path], tmp_path: Path)
     shard.write_bytes(bytes(raw[:-10]))
     with pytest.raises(MergeError, match="verification failed: invalid safetensors file"):
         check_headers(plan, tmp_path)
+
+
+def test_read_back_catches_a_write_that_differs(world: dict[str, Path], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer reads every block back right after writing it and compares it with the bytes
+    it meant to write: a write that lands different bytes fails the merge there, naming where."""
+    import hashlib
+    import os
+
+    from llava_doctor.merge import merge
+
+    plan = _plan(world)
+    out = tmp_path / "a"
+    out.mkdir()
+    hashes = Executor(plan, out, "cpu", durable=False).run()
+    for name, digest in hashes.items():  # the one sha256 pass is the files' own sha256
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+
+    real = os.pwrite
+    calls = {"n": 0}
+
+    def bad_pwrite(fd: int, data: bytes, offset: int) -> int:
+        calls["n"] += 1
+        if calls["n"] == 5:  # a block of the first shard, after its header
+            damaged = bytearray(data)
+            damaged[len(damaged) // 2] ^= 0x01
+            return real(fd, bytes(damaged), offset)
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", bad_pwrite)
+    with pytest.raises(MergeError, match=r"verification failed: the file on disk differs from "
+                                         r"the bytes that were written \(at bytes [\d,]+-[\d,]+, "
+                                         r"read back right after writing them\)"):
+        merge(world["lora"], world["base"], tmp_path / "llava-merged", device="cpu",
+              durable=False)
+    assert not (tmp_path / "llava-merged").exists()
+    assert not list(tmp_path.glob("llava-merged.*"))
+
+
+def test_checks_and_planning_run_without_torch(world: dict[str, Path], tmp_path: Path) -> None:
+    """torch costs 1.3-1.8 s to import: a merge that the checks refuse, and everything before
+    the first tensor, must not pay it (it is imported by the executor, or to ask about a GPU)."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from llava_doctor.merge import merge, stream
+
+def stop(self):
+    print("torch" in sys.modules)
+    raise SystemExit(0)
+
+stream.Executor.run = stop
+merge(sys.argv[1], sys.argv[2], sys.argv[3], device="cpu")
+"""
+    got = subprocess.run([sys.executable, "-c", script, str(world["lora"]), str(world["base"]),
+                          str(tmp_path / "llava-merged")], capture_output=True, text=True,
+                         timeout=120)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.strip() == "False"
