@@ -38,7 +38,7 @@ from llava_doctor.merge.llava_parts import (
 )
 from llava_doctor.merge.plan import DTYPES, MergeInputs, MergePlan, build_plan, parse_size
 from llava_doctor.merge.stream import Executor, MergeEvent, Observer
-from llava_doctor.merge.verify import Verification, verify_output
+from llava_doctor.merge.verify import SampleChecker, Verification, verify_output
 from llava_doctor.merge.writer import crash_point, write_file, write_json
 from llava_doctor.models import Finding, Report, Severity
 
@@ -394,14 +394,18 @@ def write_verified(plan: MergePlan, out: Path, dev: str, side_files: SideFiles, 
         shutil.rmtree(partial)
     # The mkdir sits inside the cleanup's try: a SIGTERM/Ctrl-C that lands just after the
     # directory was created (still inside pathlib's mkdir) must remove it too.
+    sampler: SampleChecker | None = None
     try:
         try:
             partial.mkdir()
         except OSError as e:
             raise MergeError(f"cannot create the work directory ({e.strerror})", path=partial,
                              hint="check that the parent of --out is writable") from None
+        # The sampled tensors are recomputed while the merge writes the rest (verify.py).
+        sampler = SampleChecker(plan, partial) if verify else None
         executor = Executor(plan, partial, dev, observer=observer, durable=durable,
-                            read_back=verify)
+                            read_back=verify,
+                            after_tensor=sampler.written if sampler is not None else None)
         hashes = executor.run()
         emit(phase="finalize")
         files = dict(hashes)
@@ -409,18 +413,20 @@ def write_verified(plan: MergePlan, out: Path, dev: str, side_files: SideFiles, 
         checked: Verification | None = None
         if verify:
             emit(phase="verify", total=len(plan.shards))
-            checked = _verify(plan, partial, hashes, executor.reread, dev)
+            checked = _verify(plan, partial, hashes, executor.reread, dev, sampler)
         if durable:
             fsync_dir(partial)
         _install(partial, out)
     except BaseException:
+        if sampler is not None:
+            sampler.close()  # it may be reading the partial dir
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return files, checked
 
 
 def _verify(plan: MergePlan, out: Path, hashes: dict[str, str], reread: dict[str, str] | None,
-            device: str) -> Verification:
+            device: str, sampler: SampleChecker | None = None) -> Verification:
     import torch
 
     from llava_doctor.merge.stream import compute_threads
@@ -429,7 +435,7 @@ def _verify(plan: MergePlan, out: Path, hashes: dict[str, str], reread: dict[str
     if device == "cpu":
         torch.set_num_threads(compute_threads())  # hashing threads run beside it, as above
     try:
-        return verify_output(plan, out, hashes, reread=reread)
+        return verify_output(plan, out, hashes, reread=reread, sampler=sampler)
     finally:
         torch.set_num_threads(threads)
 

@@ -24,7 +24,7 @@ from math import prod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llava_doctor.errors import MergeError
+from llava_doctor.errors import FileCorruptError, MergeError
 from llava_doctor.merge.lora_math import LoraTensors, apply_bias, apply_rows
 from llava_doctor.merge.plan import MergePlan, PlannedShard, PlannedTensor
 from llava_doctor.merge.sources import TensorSource, byte_view, read_exact, row_bytes, torch_dtype
@@ -262,8 +262,11 @@ class Executor:
 
     def __init__(self, plan: MergePlan, out_dir: Path, device: str, *,
                  observer: Observer | None = None, durable: bool = True,
-                 check_finite: bool = True, read_back: bool = True):
+                 check_finite: bool = True, read_back: bool = True,
+                 after_tensor: Callable[[PlannedTensor], None] | None = None):
         self.check_finite = check_finite
+        # Called on the writer thread once a tensor's bytes are written (and read back).
+        self.after_tensor = after_tensor
         self.read_back = read_back
         self.reread: dict[str, str] | None = None
         self._work: torch.Tensor | None = None
@@ -305,17 +308,34 @@ class Executor:
         # each back and compares it, and fsyncs finished shards; `hasher` feeds the blocks to
         # each shard's sha256 (about 1 GB/s per core here: as costly as the maths, so it gets a
         # thread of its own) and returns the buffers to the pool.
+        copy_fds: dict[Path, int] = {}  # the writer's own descriptors for plain copies
+
         def write_item(item: Any) -> None:
             kind, sw, *rest = item
             if kind == "block":
-                offset, buf, nbytes = rest
+                offset, buf, nbytes, copy_from = rest
                 data = byte_view(buf)[:nbytes]
+                if copy_from is not None:
+                    # A plain copy: read here, so the compute thread goes on to the next
+                    # tensor meanwhile (an embedding matrix is a quarter of a small model).
+                    path, at = copy_from
+                    fd = copy_fds.get(path)
+                    if fd is None:
+                        try:
+                            fd = copy_fds[path] = os.open(path, os.O_RDONLY)
+                        except OSError as e:
+                            raise FileCorruptError(f"cannot open for reading ({e.strerror})",
+                                                   path=path, rule="unreadable") from None
+                    read_exact(fd, data, at, path)
                 sw.write(data, offset)
                 if self.reread is not None:
                     rb = readers.get(sw.path.name)
                     if rb is None:
                         rb = readers[sw.path.name] = _ReadBack(sw.path, sw.header)
                     rb.check(offset, data)
+            elif kind == "tensor":
+                if self.after_tensor is not None:
+                    self.after_tensor(rest[0])
             else:
                 sw.finish()
                 if self.reread is not None:
@@ -327,10 +347,10 @@ class Executor:
         def hash_item(item: Any) -> None:
             kind, sw, *rest = item
             if kind == "block":
-                _, buf, nbytes = rest
+                _, buf, nbytes, _ = rest
                 sw.hash(byte_view(buf)[:nbytes])
                 pool.give(buf)
-            else:
+            elif kind == "finish":
                 hashes[sw.path.name] = sw.digest()
                 if self.reread is not None:
                     self.reread[sw.path.name] = hashes[sw.path.name]  # compared byte for byte
@@ -365,6 +385,8 @@ class Executor:
                 open_shards.append(sw)
                 for t in shard.tensors:
                     self._tensor(t, shard, sw, sources, writer, pool)
+                    if self.after_tensor is not None:
+                        writer.put(("tensor", sw, t))
                     done += 1
                     bytes_done += t.nbytes
                     self._emit(phase="write", done=done, total=total, bytes_done=bytes_done,
@@ -388,6 +410,8 @@ class Executor:
             raise
         finally:
             sources.close()
+            for fd in copy_fds.values():
+                os.close(fd)
             torch.set_num_threads(threads)
             # Freed before verification, which reads tensors of its own.
             self._work = self._inbuf = None
@@ -408,17 +432,18 @@ class Executor:
         out_row = (t.nbytes // rows) if rows else 0
         base_offset = len(shard.header) + t.begin
         if not t.needs_compute and direct:
-            # A plain copy: the file's bytes go to the writer untouched, no float round trip.
+            # A plain copy: the file's bytes go to the writer untouched, no float round trip;
+            # the writer thread reads them (`write_item`).
+            first = src.file_offset(info)
+            assert first is not None  # direct
             for start in range(0, rows, step):
                 stop = min(rows, start + step)
                 n = (stop - start) * in_row if len(t.shape) >= 2 else info.nbytes
-                out_buf = pool.take(n)
-                if n:
-                    src.read_into(t.source.key, start, stop - start, byte_view(out_buf)[:n])
-                writer.put(("block", sw, base_offset + start * out_row, out_buf, n))
+                writer.put(("block", sw, base_offset + start * out_row, pool.take(n), n,
+                            (t.source.file, first + start * in_row)))
             return
         for start, out_buf, n_out in self._blocks(t, src, sources, direct, rows, step, pool):
-            writer.put(("block", sw, base_offset + start * out_row, out_buf, n_out))
+            writer.put(("block", sw, base_offset + start * out_row, out_buf, n_out, None))
 
     def _lora_tensors(self, t: PlannedTensor, adapter: TensorSource) -> LoraTensors | None:
         if t.lora is None:
@@ -524,7 +549,7 @@ class Executor:
                 out_view[own - start:].copy_(mean)
             else:
                 out_view.copy_(mean)
-            writer.put(("block", sw, base_offset + start * out_row, out_buf, n_out))
+            writer.put(("block", sw, base_offset + start * out_row, out_buf, n_out, None))
 
     def _overflow(self, t: PlannedTensor) -> MergeError:
         where = self.plan.adapter_path if t.lora is not None else t.source.file

@@ -154,38 +154,96 @@ def check_sample(plan: MergePlan, out_dir: Path, count: int = 3, chunk: int = 1 
     Row by row chunks of about ``chunk`` elements where the maths allows it, so checking a
     7B ``down_proj`` does not hold several float32 copies of it at once.
     """
-    where = {t.name: s.filename for s in plan.shards for t in s.tensors}
     picked = sample_tensors(plan, count)
     for t in picked:
-        path = out_dir / where[t.name]
-        # Located through the header as it is on disk now, read with pread: safetensors'
-        # safe_open would pull the whole shard into memory for one tensor.
-        header = read_safetensors_header(path)
-        wf = WeightFile(path=path, format=SAFETENSORS, tensors=header.tensors,
-                        size=path.stat().st_size)
-        info = header.tensors.get(t.name)
-        if info is None:
-            raise MergeError(f"verification failed: '{t.name}' is missing", path=path,
-                             hint=_HINT)
-        splittable = len(t.shape) >= 2 and t.shape[0] > 0 and not (
-            t.lora is not None and t.lora.whole_tensor)
-        step = max(1, chunk // max(1, info.numel // t.shape[0])) if splittable else 0
-        with TensorSource(wf) as out_src:
-            parts = ([(s, min(t.shape[0], s + step)) for s in range(0, t.shape[0], step)]
-                     if splittable else [(None, None)])
-            for s, e in parts:
-                got = out_src.rows(t.name, s, e) if s is not None else out_src.tensor(t.name)  # type: ignore[arg-type]
-                want = expected_value(plan, t, s, e)
-                if got.dtype != want.dtype or tuple(got.shape) != tuple(want.shape):
-                    raise MergeError(f"verification failed: '{t.name}' is {got.dtype} "
-                                     f"{list(got.shape)}, expected {want.dtype} "
-                                     f"{list(want.shape)}", path=path, hint=_HINT)
-                diff = _mismatch(got, want)
-                if diff is not None:
-                    raise MergeError(f"verification failed: '{t.name}' differs from its "
-                                     "recomputation from the inputs (max abs difference "
-                                     f"{diff:.3g})", path=path, hint=_HINT)
+        check_tensor(plan, out_dir, t, chunk)
     return tuple(t.name for t in picked)
+
+
+def check_tensor(plan: MergePlan, out_dir: Path, t: PlannedTensor, chunk: int = 1 << 21,
+                 ) -> None:
+    """Recompute one output tensor from the inputs and compare it with the written one
+    (`check_sample`'s unit; its bytes must be in the file, the rest of the shard need not)."""
+    where = next(s.filename for s in plan.shards if any(x.name == t.name for x in s.tensors))
+    path = out_dir / where
+    # Located through the header as it is on disk now, read with pread: safetensors'
+    # safe_open would pull the whole shard into memory for one tensor.
+    header = read_safetensors_header(path)
+    wf = WeightFile(path=path, format=SAFETENSORS, tensors=header.tensors,
+                    size=path.stat().st_size)
+    info = header.tensors.get(t.name)
+    if info is None:
+        raise MergeError(f"verification failed: '{t.name}' is missing", path=path, hint=_HINT)
+    splittable = len(t.shape) >= 2 and t.shape[0] > 0 and not (
+        t.lora is not None and t.lora.whole_tensor)
+    step = max(1, chunk // max(1, info.numel // t.shape[0])) if splittable else 0
+    with TensorSource(wf) as out_src:
+        parts = ([(s, min(t.shape[0], s + step)) for s in range(0, t.shape[0], step)]
+                 if splittable else [(None, None)])
+        for s, e in parts:
+            got = out_src.rows(t.name, s, e) if s is not None else out_src.tensor(t.name)  # type: ignore[arg-type]
+            want = expected_value(plan, t, s, e)
+            if got.dtype != want.dtype or tuple(got.shape) != tuple(want.shape):
+                raise MergeError(f"verification failed: '{t.name}' is {got.dtype} "
+                                 f"{list(got.shape)}, expected {want.dtype} "
+                                 f"{list(want.shape)}", path=path, hint=_HINT)
+            diff = _mismatch(got, want)
+            if diff is not None:
+                raise MergeError(f"verification failed: '{t.name}' differs from its "
+                                 "recomputation from the inputs (max abs difference "
+                                 f"{diff:.3g})", path=path, hint=_HINT)
+
+
+class SampleChecker:
+    """`check_sample` run while the merge still writes: each sampled tensor is checked on a
+    thread of its own as soon as the executor has written and read it back (its
+    ``after_tensor`` hook), so the recomputation fills idle CPU instead of adding a phase.
+    `finish` waits for the checks (any tensor not yet reported is checked then) and raises the
+    first failure."""
+
+    def __init__(self, plan: MergePlan, out_dir: Path, count: int = 3, chunk: int = 1 << 21):
+        import queue
+        import threading
+
+        self.plan, self.out_dir, self.chunk = plan, out_dir, chunk
+        self.picked = sample_tensors(plan, count)
+        self._names = {t.name for t in self.picked}
+        self._checked: set[str] = set()
+        self._error: BaseException | None = None
+        self._q: queue.Queue[PlannedTensor | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="llava-doctor-sample",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (t := self._q.get()) is not None:
+            if self._error is not None:
+                continue
+            try:
+                check_tensor(self.plan, self.out_dir, t, self.chunk)
+                self._checked.add(t.name)
+            except BaseException as e:  # re-raised by finish() in the caller's thread
+                self._error = e
+
+    def written(self, t: PlannedTensor) -> None:
+        """Executor hook: ``t``'s bytes are in the file."""
+        if t.name in self._names:
+            self._q.put(t)
+
+    def close(self) -> None:
+        """Stop the thread (after a failed merge, or before `finish`'s own checks)."""
+        self._q.put(None)
+        self._thread.join()
+
+    def finish(self) -> tuple[str, ...]:
+        """Names of the sampled tensors, all checked; raises the first failure."""
+        self.close()
+        if self._error is not None:
+            raise self._error
+        for t in self.picked:
+            if t.name not in self._checked:
+                check_tensor(self.plan, self.out_dir, t, self.chunk)
+        return tuple(t.name for t in self.picked)
 
 
 def _mismatch(got: torch.Tensor, want: torch.Tensor, chunk: int = 1 << 20) -> float | None:
@@ -227,16 +285,18 @@ def compare_hashes(out_dir: Path, written: dict[str, str], reread: dict[str, str
 
 
 def verify_output(plan: MergePlan, out_dir: Path, hashes: dict[str, str], *,
-                  reread: dict[str, str] | None = None, sample: int = 3) -> Verification:
+                  reread: dict[str, str] | None = None, sample: int = 3,
+                  sampler: SampleChecker | None = None) -> Verification:
     """Run the three checks; raises MergeError on the first failure.
 
     ``reread``: sha256 of each shard as re-read from disk while it was written (the executor's
-    read-back); without it every file is re-read and hashed here.
+    read-back); without it every file is re-read and hashed here. ``sampler``: the sample was
+    checked during the merge (`SampleChecker`); its result is collected here.
     """
     check_headers(plan, out_dir)
     if reread is not None:
         hashed = compare_hashes(out_dir, hashes, reread)
     else:
         hashed = check_hashes(out_dir, hashes)
-    sampled = check_sample(plan, out_dir, sample)
+    sampled = sampler.finish() if sampler is not None else check_sample(plan, out_dir, sample)
     return Verification(files=len(hashes), bytes_hashed=hashed, sampled=sampled)
