@@ -444,3 +444,31 @@ merge(sys.argv[1], sys.argv[2], sys.argv[3], device="cpu")
                          timeout=120)
     assert got.returncode == 0, got.stderr
     assert got.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("files,quota", [
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu.max": "150000 100000\n"}, 1.5),
+    ({"cpu.max": "400000 100000\n"}, 4.0),
+    ({"cfs_quota_us": "-1\n", "cfs_period_us": "100000\n"}, None),
+    ({"cfs_quota_us": "200000\n", "cfs_period_us": "100000\n"}, 2.0),
+    ({}, None),
+])
+def test_threads_follow_the_cgroup_cpu_quota(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             files: dict[str, str], quota: float | None) -> None:
+    """A container limited to N CPUs sees every host core in its affinity mask: the merge sizes
+    its torch pool by the quota (less one core for the writer and hasher threads)."""
+    import os
+
+    from llava_doctor.merge import stream
+
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(stream, "CGROUP_QUOTA_FILES", (
+        (str(tmp_path / "cpu.max"), None),
+        (str(tmp_path / "cfs_quota_us"), str(tmp_path / "cfs_period_us"))))
+    assert stream._cgroup_cpus() == quota
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    expected = 64 if quota is None else max(1, int(quota + 0.5))
+    assert stream.cores() == expected
+    assert stream.compute_threads() == max(1, expected - 1)

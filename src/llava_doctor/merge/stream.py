@@ -231,18 +231,58 @@ class SourcePool:
         self._open.clear()
 
 
+# (quota file, period file or None when the quota file holds both): cgroup v2, then v1.
+CGROUP_QUOTA_FILES: tuple[tuple[str, str | None], ...] = (
+    ("/sys/fs/cgroup/cpu.max", None),
+    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
+    ("/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us"),
+)
+
+
+def _cgroup_cpus() -> float | None:
+    """The CPU quota of this process's cgroup (v2 ``cpu.max``, v1 ``cfs_quota_us``), in cores;
+    None when there is none. A container limited to 4 CPUs on a 64-core host sees 64 cores in
+    its affinity mask, and 63 torch threads there would mostly wait for quota."""
+    for quota_file, period_file in CGROUP_QUOTA_FILES:
+        try:
+            with open(quota_file) as f:
+                fields = f.read().split()
+            if period_file is not None:
+                with open(period_file) as f:
+                    fields.append(f.read().strip())
+        except OSError:
+            continue
+        if len(fields) < 2 or fields[0] in ("max", "-1"):
+            return None
+        try:
+            quota, period = int(fields[0]), int(fields[1])
+        except ValueError:
+            return None
+        return quota / period if quota > 0 and period > 0 else None
+    return None
+
+
+def cores() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = _cgroup_cpus()
+    if quota is not None:
+        n = min(n, max(1, int(quota + 0.5)))
+    return max(1, n)
+
+
 def compute_threads() -> int:
-    """Torch threads for CPU merging: every core but one, which the writer thread needs.
+    """Torch threads for CPU merging: every core but one, which the writer and hasher threads
+    share (together they cost about as much CPU as the maths: reading back, hashing, writing).
 
     An OpenMP pool that spins waiting for a core the writer holds runs an order of magnitude
     slower (measured on 2 cores: a 1M-element float16->float32 copy takes 0.5 ms on one thread,
     1.5 ms on two, 15 ms on two next to a sha256 thread).
     """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    return max(1, cores() - 1)
 
 
 def _row_plan(t: PlannedTensor, direct: bool) -> tuple[int, int]:

@@ -4,12 +4,19 @@ Three independent checks, each of which would catch a different way of being wro
 
 1. every shard's header is re-read and validated with the same rules as safetensors' own
    validator (`artifacts.safetensors_header`), and must list exactly the planned tensors;
-2. every file is re-read from disk and its sha256 compared with the hash taken from the bytes
-   as they were written (a short write, a concurrent writer, a bad disk); the executor does
-   the re-reading right behind its writer, so this costs no second pass at the end;
+2. every byte of every file is read back and compared with the bytes handed to the kernel (a
+   short or misplaced write, a buffer reused too early, a concurrent writer): the executor's
+   writer reads each block back right after writing it and compares it byte for byte while it
+   still holds it (`stream._ReadBack`), so this is a memcmp, not a second sha256 pass; the one
+   sha256 per file (reported in `MergeResult.files`) is taken from those same bytes, and
+   `compare_hashes` checks every shard was read back whole. Without the executor's read-back,
+   `check_hashes` re-reads and re-hashes every file. Either way the re-read is served by the
+   page cache: it proves what the kernel returns for the file, not what the platter holds
+   (that is fsync's promise, and fsync errors fail the merge);
 3. a sample of merged tensors is recomputed from the inputs with peft's formula applied to
    whole tensors (`lora_math.reference_merge`, not the block code) and compared with what the
-   output file holds, located through its re-read header.
+   output file holds, located through its re-read header. In a merge this runs on its own
+   thread while the rest is written (`SampleChecker`).
 """
 
 from __future__ import annotations
