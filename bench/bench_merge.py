@@ -288,7 +288,7 @@ def main() -> None:
     srcs: dict[str, Path] = {}
     if a.before is not None:
         outs["before"] = work / "llava-bench-before"
-        jobs["before"] = [*jobs["ours"][:-3], str(outs["before"]), "--quiet"]
+        jobs["before"] = [*jobs["ours"][:-2], str(outs["before"]), "--quiet"]
         srcs["before"] = a.before.resolve()
     if a.skip_peft:
         del jobs["peft"]

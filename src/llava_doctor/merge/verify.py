@@ -208,7 +208,8 @@ class SampleChecker:
     `finish` waits for the checks (any tensor not yet reported is checked then) and raises the
     first failure."""
 
-    def __init__(self, plan: MergePlan, out_dir: Path, count: int = 3, chunk: int = 1 << 21):
+    def __init__(self, plan: MergePlan, out_dir: Path, count: int = 3, chunk: int = 1 << 20):
+        # Half `check_sample`'s chunk: this runs beside the executor's buffers, not after.
         import queue
         import threading
 
