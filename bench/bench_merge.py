@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -179,10 +180,10 @@ def phases(lora: str, base: str, out: str) -> None:
     print(json.dumps({"phases": rows}))
 
 
-def measure(cmd: list[str], src: Path | None = None) -> tuple[float, int, dict]:
+def measure(cmd: list[str], src: Path | None = None) -> tuple[float, int, dict, float]:
     """Run ``cmd`` as /usr/bin/time would: (wall seconds from spawn to exit, peak RSS bytes of
-    that process, its last stdout line parsed as JSON or {}). ``src``: run llava_doctor from
-    that source tree (PYTHONPATH) instead."""
+    that process, its last stdout line parsed as JSON or {}, its user+system CPU seconds).
+    ``src``: run llava_doctor from that source tree (PYTHONPATH) instead."""
     import selectors
 
     t0 = time.perf_counter()
@@ -218,7 +219,7 @@ def measure(cmd: list[str], src: Path | None = None) -> tuple[float, int, dict]:
     info = {}
     if lines and lines[-1].startswith("{"):
         info = json.loads(lines[-1])
-    return wall, usage.ru_maxrss * 1024, info
+    return wall, usage.ru_maxrss * 1024, info, usage.ru_utime + usage.ru_stime
 
 
 def settle() -> None:
@@ -262,7 +263,7 @@ def main() -> None:
         lora, base = a.lora.resolve(), a.base.resolve()
         extra: list[Path] = []
     else:
-        _, _, built = measure(me + ["build", str(a.dir), str(a.layers)])
+        built = measure(me + ["build", str(a.dir), str(a.layers)])[2]
         paths = {k: Path(v) for k, v in built.items()}
         lora, base = paths["lora"], paths["base"]
         extra = [paths["pretrain"]]
@@ -293,28 +294,30 @@ def main() -> None:
     if a.skip_peft:
         del jobs["peft"]
     names = list(jobs)
-    results: dict[str, list[tuple[float, int]]] = {k: [] for k in jobs}
+    results: dict[str, list[tuple[float, int, float]]] = {k: [] for k in jobs}
     spot: dict | None = None
     print(f"machine: {machine()}", file=sys.stderr)
     for rep in range(a.repeat):
         for o in outs.values():
             shutil.rmtree(o, ignore_errors=True)
-        order = names[rep % len(names):] + names[:rep % len(names)]
+        order = list(names)
+        random.Random(rep).shuffle(order)  # each round its own order and neighbours
         for name in order:
             settle()
-            wall, rss, _ = measure(jobs[name], srcs.get(name))
-            results[name].append((wall, rss))
-            print(f"  round {rep + 1}/{a.repeat} {name:<6} {wall:7.2f} s  {rss / 1e6:8.0f} MB",
-                  file=sys.stderr)
+            wall, rss, _, cpu = measure(jobs[name], srcs.get(name))
+            results[name].append((wall, rss, cpu))
+            print(f"  round {rep + 1}/{a.repeat} {name:<6} {wall:7.2f} s  {cpu:7.2f} s CPU "
+                  f"{rss / 1e6:8.0f} MB", file=sys.stderr)
         if spot is None and "peft" in jobs:
             spot = measure(me + ["spot", str(outs["ours"]), str(outs["peft"])])[2]
     report(results, spot, base, adapter, a, measure(me + ["info"])[2])
 
 
-def report(results: dict[str, list[tuple[float, int]]], spot: dict | None, base: Path,
+def report(results: dict[str, list[tuple[float, int, float]]], spot: dict | None, base: Path,
            adapter: Path, a: argparse.Namespace, info: dict) -> None:
-    med = {k: statistics.median(s for s, _ in v) for k, v in results.items()}
-    rss = {k: statistics.median(r for _, r in v) for k, v in results.items()}
+    med = {k: statistics.median(r[0] for r in v) for k, v in results.items()}
+    rss = {k: statistics.median(r[1] for r in v) for k, v in results.items()}
+    cpu = {k: statistics.median(r[2] for r in v) for k, v in results.items()}
     n = len(results["ours"])
     floors = [max(results["cp -r"][i][0], results["B @ A"][i][0]) for i in range(n)]
     floor = max(med["cp -r"], med["B @ A"])
@@ -324,9 +327,11 @@ def report(results: dict[str, list[tuple[float, int]]], spot: dict | None, base:
     print(f"\nmerge benchmark: base {dir_bytes(base) / 1e9:.2f} GB ({what}), adapter "
           f"{adapter.stat().st_size / 1e6:.0f} MB; median of {n} rounds, whole processes")
     print(f"machine: {machine()}; GPU: {info.get('gpu')}; torch {info.get('torch')}")
-    print("\n| job | wall s | x larger floor | peak RSS |\n|---|---:|---:|---:|")
+    print("\n| job | wall s | x larger floor | CPU s (user+sys) | peak RSS |\n"
+          "|---|---:|---:|---:|---:|")
     for k in results:
-        print(f"| {k} | {med[k]:.2f} | {med[k] / floor:.2f} | {rss[k] / 1e6:.0f} MB |")
+        print(f"| {k} | {med[k]:.2f} | {med[k] / floor:.2f} | {cpu[k]:.2f} | "
+              f"{rss[k] / 1e6:.0f} MB |")
     print(f"\nlarger floor: {'cp -r' if med['cp -r'] >= med['B @ A'] else 'B @ A'} "
           f"({floor:.2f} s); per round: "
           + ", ".join(f"{results['ours'][i][0]:.2f}/{floors[i]:.2f}" for i in range(n)))
@@ -357,11 +362,13 @@ def profile(me: list[str], lora: Path, base: Path, work: Path, repeat: int,
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
     print(f"machine: {machine()}", file=sys.stderr)
     for rep in range(repeat):
-        for name, src in trees.items():  # paired: both trees in each round
+        order = list(trees.items())
+        random.Random(rep).shuffle(order)
+        for name, src in order:  # paired: both trees in each round, in turn first
             out = work / "llava-bench-profile"
             shutil.rmtree(out, ignore_errors=True)
             settle()
-            wall, _, info = measure(me + ["phases", str(lora), str(base), str(out)], src)
+            wall, _, info, _ = measure(me + ["phases", str(lora), str(base), str(out)], src)
             runs[name].append(dict(info["phases"]))
             print(f"  round {rep + 1}/{repeat} {name}: {wall:.2f} s", file=sys.stderr)
     skip = "(bench harness imports, not counted)"
