@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from llava_doctor.artifacts.discovery import LORA_KINDS, DirKind
-from llava_doctor.checks.base import TARGET, CheckSpec, Hit, Skip, all_checks
+from llava_doctor.artifacts.discovery import LORA_KINDS, DirKind, Family
+from llava_doctor.checks.base import TARGET, CheckSpec, Hit, Skip, all_checks, check_fn
 from llava_doctor.checks.context import CheckEvent, Context, Observer, Options
 from llava_doctor.errors import DoctorError
 from llava_doctor.models import (
@@ -63,6 +63,7 @@ def check_target(path: Path, options: Options, checks: Sequence[CheckSpec],
     if observer is not None:
         observer(CheckEvent(path, "target"))
     kind = ctx.kind
+    family = ctx.family if kind in LORA_KINDS else None
     outcomes: dict[str, CheckOutcome] = {}
     findings: dict[str, list[Finding]] = {}
     ordered = sorted(checks, key=lambda s: (s.code in REPORTS_READ_ERRORS, s.code))
@@ -77,10 +78,15 @@ def check_target(path: Path, options: Options, checks: Sequence[CheckSpec],
                 code=spec.code, name=spec.name, status=CheckStatus.skipped,
                 reason=f"not a LoRA output directory (classified as {kind.value})")
             continue
+        if family is not None and family not in spec.families:
+            outcomes[spec.code] = CheckOutcome(
+                code=spec.code, name=spec.name, status=CheckStatus.skipped,
+                reason=f"does not apply to {family.value} runs")
+            continue
         if observer is not None:
             observer(CheckEvent(path, "check", code=spec.code))
         try:
-            hits = list(spec.fn(ctx))
+            hits = list(check_fn(spec, family or Family.llava)(ctx))
         except Skip as s:
             outcomes[spec.code] = CheckOutcome(code=spec.code, name=spec.name,
                                                status=CheckStatus.skipped, reason=s.reason)
@@ -119,7 +125,8 @@ def check_target(path: Path, options: Options, checks: Sequence[CheckSpec],
         for role, res in (("base", ctx.base_resolved), ("projector", ctx.projector_resolved)):
             inputs.append(ResolvedInput(role=role, source=res.source,
                                         path=str(res.path) if res.path is not None else None))
-    result = TargetResult(path=str(path), kind=kind.value, inputs=inputs,
+    result = TargetResult(path=str(path), kind=kind.value,
+                          family=family.value if family is not None else None, inputs=inputs,
                           checks=[outcomes[c] for c in sorted(outcomes)])
     flat = [f for code in sorted(findings) for f in findings[code]]
     return result, flat, ctx

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 from llava_doctor import __version__
 
 # Bumped on any breaking change to the JSON report (a test pins the JSON Schema).
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 
 
 class Severity(str, Enum):
@@ -78,6 +78,9 @@ class ResolvedInput(_Frozen):
 class TargetResult(_Frozen):
     path: str
     kind: str = Field(description="Directory classification from its files")
+    family: str | None = Field(default=None, description="llava (haotian-liu/LLaVA) | llava-hf "
+                               "(transformers' Llava*ForConditionalGeneration), from the files; "
+                               "None when the target is not a LoRA run")
     inputs: list[ResolvedInput] = Field(default_factory=list)
     checks: list[CheckOutcome] = Field(default_factory=list)
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 NON_LORA = "non_lora_trainables.bin"
@@ -63,6 +65,111 @@ def classify(path: Path | str) -> DirKind:
 
 
 LORA_KINDS = frozenset({DirKind.lora, DirKind.checkpoint, DirKind.lora_partial})
+
+
+class Family(str, Enum):
+    """Which model family a run or a base belongs to, judged by its files.
+
+    ``llava``: haotian-liu/LLaVA (`LlavaLlamaForCausalLM`, `mm_*` config fields,
+    `non_lora_trainables.bin`). ``llava-hf``: transformers' `LlavaForConditionalGeneration` /
+    `LlavaNextForConditionalGeneration` / `LlavaOnevisionForConditionalGeneration`
+    (`text_config` + `vision_config`). ``llm``: a plain language model (bases only).
+    """
+
+    llava = "llava"
+    llava_hf = "llava-hf"
+    llm = "llm"
+
+
+HF_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration",
+                              "LlavaNextForConditionalGeneration",
+                              "LlavaOnevisionForConditionalGeneration"})
+HF_MODEL_TYPES = frozenset({"llava", "llava_next", "llava_onevision"})
+# Module-path segments only llava-hf models have (any transformers version's naming).
+_HF_SEGMENTS = re.compile(r"(^|\.)(language_model\.model|model\.language_model|"
+                          r"multi_modal_projector|language_model\.lm_head)(\.|$)")
+
+
+def config_family(cfg: dict[str, Any]) -> Family:
+    """The family a `config.json` describes: `text_config`/`vision_config` (llava-hf) versus
+    `mm_*` fields or a `Llava*ForCausalLM` architecture (original LLaVA), else a plain LLM.
+
+    The original LLaVA also wrote `model_type: "llava"` for a while, so the model type alone
+    decides nothing.
+    """
+    arch = [str(a) for a in cfg.get("architectures") or []]
+    if isinstance(cfg.get("text_config"), dict) and isinstance(cfg.get("vision_config"), dict):
+        return Family.llava_hf
+    if any(a in HF_ARCHITECTURES for a in arch):
+        return Family.llava_hf
+    if cfg.get("mm_vision_tower") is not None or cfg.get("mm_projector_type") is not None or any(
+            a.startswith("Llava") and a.endswith("ForCausalLM") for a in arch):
+        return Family.llava
+    return Family.llm
+
+
+def adapter_family(adapter_config: dict[str, Any] | None, keys: Iterable[str]) -> Family | None:
+    """llava-hf when the adapter names a llava-hf class or its keys/targets use llava-hf module
+    paths; None when nothing says so (the caller decides the default)."""
+    acfg = adapter_config or {}
+    auto = acfg.get("auto_mapping")
+    if isinstance(auto, dict) and auto.get("base_model_class") in HF_ARCHITECTURES:
+        return Family.llava_hf
+    prefix = "base_model.model."
+    for k in keys:
+        if k.startswith(prefix) and _HF_SEGMENTS.search(k[len(prefix):]):
+            return Family.llava_hf
+        if k.startswith(prefix + "vision_tower.vision_model.") or \
+                k.startswith(prefix + "model.vision_tower.vision_model."):
+            return Family.llava_hf  # original LLaVA nests it: model.vision_tower.vision_tower.
+    targets = acfg.get("target_modules")
+    texts = [targets] if isinstance(targets, str) else (
+        [str(t) for t in targets] if isinstance(targets, list) else [])
+    texts += [str(m) for m in acfg.get("modules_to_save") or []]
+    if any("multi_modal_projector" in t or "language_model" in t for t in texts):
+        return Family.llava_hf
+    return None
+
+
+def lora_family(path: Path | str, adapter_keys: Iterable[str] = ()) -> Family:
+    """The family of a LoRA dir: original LLaVA unless its files say llava-hf.
+
+    Looked at, in order: `non_lora_trainables.bin` or an `mm_*` `config.json` (original);
+    a llava-hf `config.json`; `adapter_config.json` (`auto_mapping`, llava-hf module names in
+    `target_modules`/`modules_to_save`); the adapter's key paths (``adapter_keys``).
+    """
+    from llava_doctor.artifacts.configs import read_json
+    from llava_doctor.errors import DoctorError
+
+    path = Path(path)
+    names = _names(path)
+    if NON_LORA in names:
+        return Family.llava
+    if "config.json" in names:
+        try:
+            fam = config_family(read_json(path / "config.json"))
+        except DoctorError:
+            fam = Family.llm
+        if fam != Family.llm:
+            return fam
+    acfg: dict[str, Any] | None = None
+    if "adapter_config.json" in names:
+        try:
+            acfg = read_json(path / "adapter_config.json")
+        except DoctorError:
+            acfg = None
+    return adapter_family(acfg, adapter_keys) or Family.llava
+
+
+def base_family(cfg: dict[str, Any] | None, tensor_names: Iterable[str] = ()) -> Family | None:
+    """llava-hf base, original-LLaVA base or plain LLM, from its config.json (and, for an
+    original LLaVA checkpoint without `mm_*` fields, its `model.mm_projector.*` weights)."""
+    if cfg is None:
+        return None
+    fam = config_family(cfg)
+    if fam == Family.llm and any(n.startswith("model.mm_projector.") for n in tensor_names):
+        return Family.llava
+    return fam
 
 
 def find_lora_dirs(root: Path | str, max_depth: int = 6) -> Iterator[Path]:

@@ -33,7 +33,7 @@ from llava_doctor.artifacts.peft_match import (
     prepared,
 )
 from llava_doctor.artifacts.tensors import FLOAT_DTYPES
-from llava_doctor.checks.base import Hit, Skip, check
+from llava_doctor.checks.base import BOTH, Hit, Skip, check
 from llava_doctor.checks.context import Context
 from llava_doctor.models import FixSafety, Severity
 
@@ -358,7 +358,7 @@ def _rslora_rewrite(raw: dict[str, Any]) -> dict[str, Any] | None:
     return out
 
 
-@check("LD201", "adapter-config-version", Severity.warning, fix=FixSafety.safe)
+@check("LD201", "adapter-config-version", Severity.warning, fix=FixSafety.safe, families=BOTH)
 def adapter_config_version(ctx: Context) -> Iterable[Hit]:
     """`adapter_config.json` has fields the peft that will load it does not know.
 
@@ -479,7 +479,7 @@ def _json(value: Any) -> str:
 
 # --- LD202 ---------------------------------------------------------------------------------
 
-@check("LD202", "target-modules-missing", Severity.error)
+@check("LD202", "target-modules-missing", Severity.error, families=BOTH)
 def target_modules_missing(ctx: Context) -> Iterable[Hit]:
     """`target_modules` selects no module of the base model.
 
@@ -579,7 +579,7 @@ def _expected(mod: AdapterModule, info: ModuleInfo, r: int) -> dict[str, tuple[i
     return out
 
 
-@check("LD203", "adapter-shape-mismatch", Severity.error)
+@check("LD203", "adapter-shape-mismatch", Severity.error, families=BOTH)
 def adapter_shape_mismatch(ctx: Context) -> Iterable[Hit]:
     """A `lora_A`/`lora_B` pair does not fit the base weight it adapts, or its rank disagrees
     with `r`/`rank_pattern`.
@@ -816,7 +816,7 @@ def delta_bounds(ctx: Context) -> list[DeltaBound]:
 
 # --- LD204 / LD205: values -------------------------------------------------------------------
 
-@check("LD204", "adapter-untrained", Severity.warning)
+@check("LD204", "adapter-untrained", Severity.warning, families=BOTH)
 def adapter_untrained(ctx: Context) -> Iterable[Hit]:
     """Every `lora_B` is exactly zero: the adapter was never trained and merging it is a no-op.
 
@@ -867,7 +867,7 @@ def adapter_untrained(ctx: Context) -> Iterable[Hit]:
                         "full_tensors": full[:_SHOW]})
 
 
-@check("LD205", "nonfinite-weights", Severity.error)
+@check("LD205", "nonfinite-weights", Severity.error, families=BOTH)
 def nonfinite_weights(ctx: Context) -> Iterable[Hit]:
     """NaN or Inf values in the adapter, `non_lora_trainables.bin` or the stage-1 projector.
 
@@ -956,7 +956,7 @@ _UNSUPPORTED: dict[str, str] = {
 }
 
 
-@check("LD206", "unsupported-adapter-variant", Severity.error)
+@check("LD206", "unsupported-adapter-variant", Severity.error, families=BOTH)
 def unsupported_adapter_variant(ctx: Context) -> Iterable[Hit]:
     """The adapter is not a plain LoRA that can be merged into this base exactly.
 
@@ -1042,7 +1042,7 @@ _HF_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "
                 ("language_model.lm_head", "lm_head"))
 
 
-@check("LD207", "adapter-keys-unmatched", Severity.error)
+@check("LD207", "adapter-keys-unmatched", Severity.error, families=BOTH)
 def adapter_keys_unmatched(ctx: Context) -> Iterable[Hit]:
     """Adapter keys that reach no LoRA layer when peft loads them onto this base.
 

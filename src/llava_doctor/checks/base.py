@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from llava_doctor.artifacts.discovery import Family
 from llava_doctor.models import FixSafety, Severity
 
 if TYPE_CHECKING:
@@ -40,6 +41,11 @@ AnyCheckFn = TypeVar("AnyCheckFn", bound=Callable[..., Iterable[Hit]])
 TARGET, ENVIRONMENT = "target", "environment"
 
 
+ORIGINAL = frozenset({Family.llava})
+HF = frozenset({Family.llava_hf})
+BOTH = ORIGINAL | HF
+
+
 @dataclass(frozen=True)
 class CheckSpec:
     code: str
@@ -54,6 +60,8 @@ class CheckSpec:
     # "target": run on each checked directory; "environment": run once on the installed
     # packages and machine by `llava-doctor env` / `check --env`, never per target.
     scope: str = TARGET
+    # The run families the check applies to; the runner skips it on the others.
+    families: frozenset[Family] = ORIGINAL
 
     def section(self, heading: str) -> str:
         """The text under one `## heading` of the doc."""
@@ -67,8 +75,13 @@ _NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
 
 def check(code: str, name: str, severity: Severity, *, fix: FixSafety = FixSafety.none,
-          needs_lora: bool = True, scope: str = TARGET) -> Callable[[AnyCheckFn], AnyCheckFn]:
-    """Register a check. Its docstring is the doc (ruff's template)."""
+          needs_lora: bool = True, scope: str = TARGET,
+          families: Iterable[Family] = ORIGINAL) -> Callable[[AnyCheckFn], AnyCheckFn]:
+    """Register a check. Its docstring is the doc (ruff's template).
+
+    ``families``: the run families (original LLaVA, llava-hf) it applies to; the runner skips
+    it on a run of another family, so a check never asks which family it is looking at.
+    """
 
     def deco(fn: AnyCheckFn) -> AnyCheckFn:
         if not _CODE.match(code) or not _NAME.match(name):
@@ -78,10 +91,40 @@ def check(code: str, name: str, severity: Severity, *, fix: FixSafety = FixSafet
         doc = _dedent(fn.__doc__ or "")
         summary = doc.strip().splitlines()[0] if doc.strip() else name
         REGISTRY[code] = CheckSpec(code=code, name=name, severity=severity, fix=fix, doc=doc,
-                                   fn=fn, summary=summary, needs_lora=needs_lora, scope=scope)
+                                   fn=fn, summary=summary, needs_lora=needs_lora, scope=scope,
+                                   families=frozenset(families))
         return fn
 
     return deco
+
+
+# (code, family) -> the function that runs the check on runs of that family, when the
+# question is the same but the files that answer it differ (e.g. LD403 reads LLaVA's
+# config.json on one family and the base's embeddings plus the adapter dir's tokenizer on the
+# other).
+VARIANTS: dict[tuple[str, Family], CheckFn] = {}
+
+
+def variant(code: str, family: Family) -> Callable[[CheckFn], CheckFn]:
+    """Register the implementation of an existing check for runs of ``family`` (same code, name,
+    doc and severity); the check then applies to that family too."""
+
+    def deco(fn: CheckFn) -> CheckFn:
+        spec = REGISTRY.get(code)
+        if spec is None:
+            raise ValueError(f"variant of unknown check {code}")
+        if (code, family) in VARIANTS:
+            raise ValueError(f"duplicate variant {code} for {family.value}")
+        VARIANTS[(code, family)] = fn
+        REGISTRY[code] = replace(spec, families=spec.families | {family})
+        return fn
+
+    return deco
+
+
+def check_fn(spec: CheckSpec, family: Family) -> Callable[..., Iterable[Hit]]:
+    """The function that runs ``spec`` on a run of ``family``."""
+    return VARIANTS.get((spec.code, family), spec.fn)
 
 
 def _dedent(doc: str) -> str:
@@ -103,9 +146,11 @@ def get_check(code: str) -> CheckSpec | None:
 
 def codes_table_markdown() -> str:
     """The README's table of check codes, generated from the registry (a test keeps it in sync)."""
-    rows = ["| code | name | severity | fix | what it catches |", "|---|---|---|---|---|"]
+    rows = ["| code | name | severity | fix | runs | what it catches |",
+            "|---|---|---|---|---|---|"]
     for spec in all_checks().values():
         summary = spec.summary.replace("|", "\\|")
+        runs = ", ".join(f.value for f in Family if f in spec.families)
         rows.append(f"| {spec.code} | `{spec.name}` | {spec.severity.value} | {spec.fix.value} "
-                    f"| {summary} |")
+                    f"| {runs} | {summary} |")
     return "\n".join(rows) + "\n"

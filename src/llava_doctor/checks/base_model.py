@@ -14,7 +14,7 @@ from typing import Any
 
 from llava_doctor.artifacts.configs import ModelConfig, read_json, tokenizer_length
 from llava_doctor.artifacts.model_dir import ModelDir
-from llava_doctor.checks.base import Hit, Skip, check
+from llava_doctor.checks.base import BOTH, Hit, Skip, check
 from llava_doctor.checks.context import Context
 from llava_doctor.checks.projector import PROJ, lora_config, non_lora_view
 from llava_doctor.errors import DoctorError
@@ -53,7 +53,7 @@ def _recorded_base(ctx: Context) -> str | None:
 
 # --- LD401 -------------------------------------------------------------------------------------
 
-@check("LD401", "base-incomplete", Severity.error)
+@check("LD401", "base-incomplete", Severity.error, families=BOTH)
 def base_incomplete(ctx: Context) -> Iterable[Hit]:
     """The base model is missing, incomplete, or not a model at all.
 

@@ -21,7 +21,10 @@ from llava_doctor.artifacts.discovery import (
     PROJECTOR,
     STATE_DIR,
     DirKind,
+    Family,
+    base_family,
     classify,
+    lora_family,
 )
 from llava_doctor.artifacts.model_dir import ModelDir
 from llava_doctor.artifacts.tensor_stats import TensorStats
@@ -40,6 +43,8 @@ class Options:
     base: Path | None = None
     projector: Path | None = None
     peft_version: str | None = None
+    # The transformers that will load the adapter or the merged model (None: unknown).
+    transformers_version: str | None = None
     fast: bool = False        # headers only: no tensor values read
     scan_base: bool = False   # also read base tensor values
     out: Path | None = None   # merge target, for the preflight checks
@@ -91,6 +96,22 @@ class Context:
     @cached_property
     def kind(self) -> DirKind:
         return classify(self.path)
+
+    @cached_property
+    def family(self) -> Family:
+        """Original LLaVA or llava-hf, from this dir's files (`discovery.lora_family`)."""
+        keys = list(self.adapter.tensors) if self.adapter_path is not None and \
+            self.adapter is not None else []
+        return lora_family(self.path, keys)
+
+    @cached_property
+    def base_family(self) -> Family | None:
+        """llava-hf, original LLaVA or plain LLM for the resolved base (None: no base config)."""
+        cfg = self.base_config
+        if cfg is None:
+            return None
+        names = self.base.tensor_names if self.base is not None else ()
+        return base_family(cfg.raw(), names)
 
     @cached_property
     def names(self) -> set[str]:

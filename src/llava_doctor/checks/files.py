@@ -9,7 +9,7 @@ from llava_doctor.artifacts.configs import read_json
 from llava_doctor.artifacts.discovery import PROJECTOR
 from llava_doctor.artifacts.tensor_stats import FP16_MAX
 from llava_doctor.artifacts.tensors import FLOAT_DTYPES
-from llava_doctor.checks.base import Hit, Skip, check
+from llava_doctor.checks.base import BOTH, Hit, Skip, check
 from llava_doctor.checks.context import Context
 from llava_doctor.errors import FileCorruptError, LfsPointerError, UnsafePickleError
 from llava_doctor.models import Severity
@@ -40,7 +40,7 @@ def _errors(ctx: Context, cls: type) -> list[tuple[Path, object]]:
                   key=lambda pe: str(pe[0]))
 
 
-@check("LD501", "file-corrupt", Severity.error, needs_lora=False)
+@check("LD501", "file-corrupt", Severity.error, needs_lora=False, families=BOTH)
 def file_corrupt(ctx: Context) -> Iterable[Hit]:
     """A weight or config file is structurally broken (truncated, bad header, bad zip, bad JSON).
 
@@ -65,7 +65,7 @@ def file_corrupt(ctx: Context) -> Iterable[Hit]:
                   evidence={"rule": err.rule, **({"tensor": err.tensor} if err.tensor else {})})
 
 
-@check("LD502", "unsafe-pickle", Severity.error, needs_lora=False)
+@check("LD502", "unsafe-pickle", Severity.error, needs_lora=False, families=BOTH)
 def unsafe_pickle(ctx: Context) -> Iterable[Hit]:
     """A `.bin` pickle references a global that no tensor checkpoint needs. It was not executed.
 
@@ -88,7 +88,7 @@ def unsafe_pickle(ctx: Context) -> Iterable[Hit]:
         yield Hit(err.one_line(), path=path, evidence={"global": err.global_name})
 
 
-@check("LD503", "dtype-risk", Severity.warning)
+@check("LD503", "dtype-risk", Severity.warning, families=BOTH)
 def dtype_risk(ctx: Context) -> Iterable[Hit]:
     """bf16-trained values that do not fit in float16, the dtype LLaVA's merge writes.
 
@@ -161,7 +161,7 @@ def _delta_overflow(ctx: Context) -> Iterable[Hit]:
                         "max_a": w.max_a, "bound": w.bound})
 
 
-@check("LD504", "lfs-pointer", Severity.error, needs_lora=False)
+@check("LD504", "lfs-pointer", Severity.error, needs_lora=False, families=BOTH)
 def lfs_pointer(ctx: Context) -> Iterable[Hit]:
     """A weight file is a Git LFS pointer (a ~130-byte text file), not the weights.
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from llava_doctor.checks.base import Hit, check
+from llava_doctor.checks.base import BOTH, Hit, check
 from llava_doctor.models import Severity
 
 
-@check("LD000", "internal-error", Severity.error, needs_lora=False)
+@check("LD000", "internal-error", Severity.error, needs_lora=False, families=BOTH)
 def internal_error(ctx: object) -> Iterable[Hit]:
     """A check crashed: a bug in llava-doctor, not necessarily in your files.
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from llava_doctor.artifacts.discovery import ADAPTER_WEIGHTS, NON_LORA, PROJECTOR, DirKind, classify
 from llava_doctor.artifacts.llava import builder_branch, get_model_name_from_path
-from llava_doctor.checks.base import Hit, Skip, check
+from llava_doctor.checks.base import BOTH, Hit, Skip, check
 from llava_doctor.checks.context import Context
 from llava_doctor.models import FixSafety, Severity
 
@@ -73,7 +73,7 @@ def lora_config_missing(ctx: Context) -> Iterable[Hit]:
               "it lacks the mm_* fields)", path=ctx.path / "config.json", fix=FixSafety.unsafe)
 
 
-@check("LD102", "adapter-weights-missing", Severity.error)
+@check("LD102", "adapter-weights-missing", Severity.error, families=BOTH)
 def adapter_weights_missing(ctx: Context) -> Iterable[Hit]:
     """No `adapter_model.safetensors` or `adapter_model.bin`: there is no LoRA to merge.
 
@@ -111,7 +111,7 @@ def adapter_weights_missing(ctx: Context) -> Iterable[Hit]:
               evidence={"nearby_adapters": [str(p) for p in nearby]})
 
 
-@check("LD103", "adapter-config-missing", Severity.error)
+@check("LD103", "adapter-config-missing", Severity.error, families=BOTH)
 def adapter_config_missing(ctx: Context) -> Iterable[Hit]:
     """The adapter weights have no `adapter_config.json` beside them.
 
@@ -176,7 +176,7 @@ def non_lora_missing(ctx: Context) -> Iterable[Hit]:
               fix=FixSafety.unsafe if sources else FixSafety.none)
 
 
-@check("LD105", "adapter-weights-empty", Severity.error)
+@check("LD105", "adapter-weights-empty", Severity.error, families=BOTH)
 def adapter_weights_empty(ctx: Context) -> Iterable[Hit]:
     """The adapter holds no LoRA tensors, or ZeRO-3 saved them as `[0]`-shaped placeholders.
 
@@ -252,7 +252,7 @@ def loader_name_dispatch(ctx: Context) -> Iterable[Hit]:
               "names", path=ctx.path, evidence={"model_name": name, "branch": branch})
 
 
-@check("LD107", "not-a-lora-dir", Severity.error, needs_lora=False)
+@check("LD107", "not-a-lora-dir", Severity.error, needs_lora=False, families=BOTH)
 def not_a_lora_dir(ctx: Context) -> Iterable[Hit]:
     """The path is a stage-1 projector folder, a full model, or holds no LoRA files at all.
 
@@ -286,7 +286,7 @@ def not_a_lora_dir(ctx: Context) -> Iterable[Hit]:
     yield Hit(f"{ctx.path} is {why}", path=ctx.path, evidence={"kind": kind.value})
 
 
-@check("LD108", "duplicate-adapter-files", Severity.warning)
+@check("LD108", "duplicate-adapter-files", Severity.warning, families=BOTH)
 def duplicate_adapter_files(ctx: Context) -> Iterable[Hit]:
     """Both `adapter_model.safetensors` and `adapter_model.bin` exist and they disagree.
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from llava_doctor.artifacts.configs import TOKENIZER_FILES
 from llava_doctor.artifacts.llava import builder_rewrite
 from llava_doctor.artifacts.tensors import FLOAT_DTYPES, TensorInfo
-from llava_doctor.checks.base import Hit, Skip, check
+from llava_doctor.checks.base import BOTH, Hit, Skip, check
 from llava_doctor.checks.context import Context
 from llava_doctor.models import Severity
 
@@ -100,7 +100,7 @@ def existing_ancestor(path: Path) -> Path:
     return p if p.is_dir() else p.parent
 
 
-@check("LD601", "disk-space", Severity.error)
+@check("LD601", "disk-space", Severity.error, families=BOTH)
 def disk_space(ctx: Context) -> Iterable[Hit]:
     """The merge target's filesystem has less free space than the merged model needs.
 
@@ -184,7 +184,7 @@ def memory_info() -> tuple[int | None, int | None]:
     return total, avail
 
 
-@check("LD602", "memory-plan", Severity.info)
+@check("LD602", "memory-plan", Severity.info, families=BOTH)
 def memory_plan(ctx: Context) -> Iterable[Hit]:
     """How much RAM LLaVA's own merge would need here, and how much the streaming merge needs.
 
