@@ -14,3 +14,31 @@ def scenarios(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     return build_all(tmp_path_factory.mktemp("scenarios"))
 
+
+
+# --- llava-hf worlds (tests/hf_support.py): built once, only when a test asks ------------------
+
+@pytest.fixture(scope="session")
+def hf_proc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Processor + tokenizer files written by transformers 4.46.3 ({} without that venv)."""
+    from hf_support import build_processors, hf446_python
+
+    py = hf446_python()
+    return build_processors(py, tmp_path_factory.mktemp("hf-proc")) if py else {}
+
+
+@pytest.fixture(scope="session")
+def hf5(tmp_path_factory: pytest.TempPathFactory, hf_proc: dict[str, Path]):  # noqa: ANN201
+    """Bases and adapters written by this venv's transformers 5.x + peft."""
+    from hf_support import build_world, installed_transformers, python_here
+
+    return build_world(python_here(), installed_transformers(),
+                       tmp_path_factory.mktemp("hf5"), hf_proc)
+
+
+@pytest.fixture(scope="session")
+def hf4(tmp_path_factory: pytest.TempPathFactory, hf_proc: dict[str, Path]):  # noqa: ANN201
+    """Bases and adapters written by transformers 4.46.3 + peft 0.13.2 (skips without them)."""
+    from hf_support import build_world, hf446_version, need_hf446
+
+    return build_world(need_hf446(), hf446_version(), tmp_path_factory.mktemp("hf4"), hf_proc)

@@ -24,6 +24,9 @@ ProjectorOpt = Annotated[Path | None, typer.Option("--projector", help="Stage-1 
                                                       "*-pretrain/mm_projector.bin).")]
 PeftOpt = Annotated[str | None, typer.Option("--peft-version", help="The peft version that "
                                                 "will load the adapter (default: installed peft).")]
+TransformersOpt = Annotated[str | None, typer.Option(
+    "--transformers-version", metavar="V", help="The transformers version that will load the "
+    "adapter or the merged model (llava-hf runs; default: installed transformers).")]
 SelectOpt = Annotated[list[str] | None, typer.Option("--select", help="Only these codes or "
                                                         "prefixes (repeatable).")]
 IgnoreOpt = Annotated[list[str] | None, typer.Option("--ignore", help="Skip these codes or "
@@ -91,6 +94,16 @@ def _installed_peft() -> str | None:
         return None
 
 
+def _installed_transformers() -> str | None:
+    """The installed transformers' version, from its metadata (transformers is never imported)."""
+    try:
+        from importlib.metadata import version
+
+        return version("transformers")
+    except Exception:
+        return None
+
+
 def version_callback(value: bool) -> None:
     if value:
         print(f"llava-doctor {__version__}")
@@ -141,6 +154,7 @@ def check(
     base: BaseOpt = None,
     projector: ProjectorOpt = None,
     peft_version: PeftOpt = None,
+    transformers_version: TransformersOpt = None,
     fmt: FormatOpt = Format.text,  # type: ignore[attr-defined]  # members come from RENDERERS
     output: OutputOpt = None,
     root: RootOpt = None,
@@ -200,6 +214,7 @@ def check(
                              hint="pass the repository root the report paths are relative to")
         opts = Options(base=base or cfg.base, projector=projector or cfg.projector,
                        peft_version=peft_version or cfg.peft_version or _installed_peft(),
+                       transformers_version=transformers_version or _installed_transformers(),
                        fast=fast, scan_base=scan_base, out=out,
                        to=to if to == "llava-hf" else None, vision_tower=vision_tower)
         progress = (lambda p: _stderr(f"llava-doctor: checking {p}")) if verbose else None

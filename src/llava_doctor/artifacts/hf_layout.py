@@ -3,12 +3,16 @@ table: every check and the merge convert keys through here, and nowhere else.
 
 A llava-hf model has five parts; each layout spells each part's prefix its own way:
 
-| layout | language model | lm head | vision tower | projector | NeXT newline |
-|---|---|---|---|---|---|
-| ``canonical`` (hub, conversion scripts, transformers < 4.52 save and module names) | `language_model.model` | `language_model.lm_head` | `vision_tower.vision_model` | `multi_modal_projector` | `image_newline` |
-| ``runtime-4.52`` (module names of transformers 4.52 ... 4.x) | `model.language_model` | `lm_head` | `model.vision_tower.vision_model` | `model.multi_modal_projector` | `model.image_newline` |
-| ``runtime-5`` (module names of transformers >= 5) | `model.language_model` | `lm_head` | `model.vision_tower` | `model.multi_modal_projector` | `model.image_newline` |
-| ``saved-5`` (what transformers 5.x `save_pretrained` writes) | `language_model.model` | `language_model.lm_head` | `vision_tower` | `multi_modal_projector` | `image_newline` |
+- ``canonical``: hub checkpoints, the conversion scripts, transformers < 4.52 (`save_pretrained`
+  and module names): `language_model.model`, `language_model.lm_head`,
+  `vision_tower.vision_model`, `multi_modal_projector`, `image_newline`;
+- ``runtime-4.52``: module names of transformers 4.52 ... 4.x: `model.language_model`,
+  `lm_head`, `model.vision_tower.vision_model`, `model.multi_modal_projector`,
+  `model.image_newline`;
+- ``runtime-5``: module names of transformers >= 5: as runtime-4.52, but the tower is
+  `model.vision_tower` (CLIP's `vision_model.` level is gone);
+- ``saved-5``: what transformers 5.x `save_pretrained` writes: canonical, but the tower is
+  `vision_tower` without `vision_model.`.
 
 Checkpoint keys are parameter names in one of these layouts. peft adapter keys are
 ``base_model.model.`` + the module path of the transformers that trained the adapter (canonical
@@ -35,7 +39,7 @@ from enum import Enum
 __all__ = ["Layout", "Part", "TABLE", "CANONICAL_ORDER", "to_canonical", "to_layout", "convert",
            "split", "key_layout", "detect_layout", "detect_adapter_layout", "runtime_layout",
            "checkpoint_readable", "parse_version", "PEFT_PREFIX", "RUNTIME_FROM",
-           "NO_VISION_MODEL_FROM"]
+           "NO_VISION_MODEL_FROM", "adapter_fate", "Fate"]
 
 PEFT_PREFIX = "base_model.model."
 # transformers PR #37033: the runtime module names change in 4.52.
@@ -200,3 +204,41 @@ def checkpoint_readable(layout: Layout, version: str) -> bool:
     if v < NO_VISION_MODEL_FROM:
         return layout in (Layout.canonical, Layout.runtime_4)
     return True
+
+
+class Fate(str, Enum):
+    """What transformers + peft of a given version do with an adapter tensor."""
+
+    applied = "applied"
+    dropped = "dropped"   # matches no module: peft drops it silently, the LoRA is not applied
+    crash = "crash"       # peft fails loading it (KeyError)
+
+
+def adapter_fate(module: str, layout: Layout, version: str, *, full: bool) -> Fate:
+    """What transformers ``version`` (with the peft of its time) does with an adapter tensor of
+    ``module`` (a module path in ``layout``, the trainer's naming); ``full``: a whole tensor
+    (`modules_to_save`, a trained bias) rather than a LoRA factor.
+
+    Measured / from the sources (llava-hf-layout.md): keys spelled as the loading model names its
+    modules are applied. Newer peft converts pre-4.52 (canonical) keys to the >= 4.52 names
+    (peft #2574, transformers #38627) for the language model; under transformers 5 it does not
+    reach CLIP's dropped `vision_model.` level nor the projector: pre-4.52 vision-tower and
+    projector LoRA is silently not applied, and a pre-4.52 `modules_to_save` copy of the
+    projector (or tower) crashes (`KeyError:
+    'base_model.model.model.multi_modal_projector.linear_1.weight'`). Nothing
+    converts newer keys for an older transformers: they match no module and are dropped.
+    """
+    runs = runtime_layout(version)
+    hit = split(module, layout)
+    if runs is None or hit is None or convert(module, layout, runs) == module:
+        return Fate.applied
+    part = hit[0]
+    if runs == Layout.canonical:
+        return Fate.dropped
+    if layout in (Layout.canonical, Layout.saved_5):
+        if runs == Layout.runtime_4:
+            return Fate.applied
+        if part in (Part.language_model, Part.lm_head):
+            return Fate.applied
+        return Fate.crash if full else Fate.dropped
+    return Fate.dropped  # runtime-4.52 <-> runtime-5: the vision tower's `vision_model.` level

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llava_doctor.artifacts import peft_versions
+from llava_doctor.artifacts import hf_layout, peft_versions
 from llava_doctor.artifacts.bounded_re import (
     Evaluation,
     direct,
@@ -22,6 +22,7 @@ from llava_doctor.artifacts.bounded_re import (
     shorten,
     with_ancestors,
 )
+from llava_doctor.artifacts.discovery import Family
 from llava_doctor.artifacts.llava import expected_projector
 from llava_doctor.artifacts.peft_match import (
     PEFT_PREFIX,
@@ -80,30 +81,55 @@ class ModuleInfo:
 
 @dataclass(frozen=True)
 class ModuleSet:
-    """The modules of the model peft sees, where they came from, and how to say so."""
+    """The modules of the model peft sees, where they came from, and how to say so.
+
+    ``modules`` are named as the adapter's keys name them (the training model's module paths);
+    ``targeting`` names the same modules as the model that loads the adapter does, which is what
+    peft matches `target_modules` against (None: the same names). ``head`` is the output
+    layer, which `all-linear` leaves out. ``multimodal_elsewhere``: LoRA on the vision tower
+    and projector is another check's business (LD209 on original LLaVA runs).
+    """
 
     modules: dict[str, ModuleInfo]
     source: str  # "base" | "config"
     where: Path
     projector_from_config: tuple[str, ...] = ()
+    targeting: dict[str, ModuleInfo] | None = None
+    head: frozenset[str] = frozenset({"lm_head"})
+    multimodal_elsewhere: bool = True
+    naming: str = ""
 
     @property
     def describe(self) -> str:
         if self.source == "base":
-            return f"the base model {self.where}"
+            return f"the base model {self.where}{self.naming}"
         return (f"the Llama layout {self.where} describes (no base model resolved, so shapes come "
                 "from its hidden/intermediate/layer sizes)")
+
+    @staticmethod
+    def _wrappable(modules: dict[str, ModuleInfo]) -> list[str]:
+        return [n for n, m in modules.items() if m.kind in ("linear", "embedding", "conv",
+                                                             "unknown")]
 
     @property
     def wrappable(self) -> list[str]:
         """Modules peft can put a LoRA on (Linear, Embedding, Conv)."""
-        return [n for n, m in self.modules.items() if m.kind in ("linear", "embedding", "conv",
-                                                                 "unknown")]
+        return self._wrappable(self.modules)
 
     @property
     def linear(self) -> set[str]:
         """What peft's `all-linear` shorthand expands to: every Linear but the output head."""
-        return {n for n, m in self.modules.items() if m.kind == "linear" and n != "lm_head"}
+        return {n for n, m in self.modules.items() if m.kind == "linear" and n not in self.head}
+
+    @property
+    def target_wrappable(self) -> list[str]:
+        """`wrappable`, named as the loading model names them (what target_modules meets)."""
+        return self._wrappable(self.targeting if self.targeting is not None else self.modules)
+
+    @property
+    def target_linear(self) -> set[str]:
+        mods = self.targeting if self.targeting is not None else self.modules
+        return {n for n, m in mods.items() if m.kind == "linear" and n not in self.head}
 
 
 def _kind(name: str, shape: tuple[int, ...] | None) -> str:
@@ -114,14 +140,6 @@ def _kind(name: str, shape: tuple[int, ...] | None) -> str:
     if len(shape) in (3, 4, 5):
         return "conv"
     return "norm" if len(shape) == 1 else "unknown"
-
-
-# transformers >= 4.52 loads legacy llava-hf checkpoints under new names; peft >= 0.16 remaps
-# old-layout adapters onto them. A llava-hf base therefore answers to both spellings.
-_HF_CONVERSION = (("language_model.model.", "model.language_model."),
-                  ("language_model.lm_head", "lm_head"),
-                  ("vision_tower.", "model.vision_tower."),
-                  ("multi_modal_projector.", "model.multi_modal_projector."))
 
 
 def _from_base(ctx: Context) -> ModuleSet | None:
@@ -138,14 +156,44 @@ def _from_base(ctx: Context) -> ModuleSet | None:
         tinfo = base.info(tname)
         shape = tuple(tinfo.shape) if tinfo is not None else None
         modules[module] = ModuleInfo(_kind(module, shape), shape)
-    bcfg = ctx.base_config
-    if bcfg is not None and bcfg.is_llava_hf:
-        for name, info in list(modules.items()):
-            for old, new in _HF_CONVERSION:
-                if name.startswith(old):
-                    modules.setdefault(new + name[len(old):], info)
     added = _add_config_projector(ctx, modules)
     return ModuleSet(modules, "base", ctx.base_path, tuple(added))
+
+
+def _from_hf_base(ctx: Context) -> ModuleSet | None:
+    """A llava-hf base's modules, named in the layout the adapter's keys use (the training
+    transformers'), and for `target_modules` in the layout the target transformers runs."""
+    base = ctx.base
+    if base is None or ctx.base_path is None:
+        return None
+    names = set(base.tensor_names) | set(base.tensors)
+    base_layout = hf_layout.detect_layout(names) or hf_layout.Layout.canonical
+    ad = ctx.adapter
+    target = hf_layout.runtime_layout(ctx.options.transformers_version)
+    adapter_layout = (hf_layout.detect_adapter_layout(ad.tensors) if ad is not None else None) \
+        or target or hf_layout.Layout.canonical
+    canonical: dict[str, ModuleInfo] = {}
+    for tname in sorted(names):
+        module, _, param = hf_layout.to_canonical(tname, base_layout).rpartition(".")
+        if not module or param != "weight":
+            continue
+        tinfo = base.info(tname)
+        shape = tuple(tinfo.shape) if tinfo is not None else None
+        canonical[module] = ModuleInfo(_kind(module, shape), shape)
+    head = hf_layout.TABLE[hf_layout.Layout.canonical][hf_layout.Part.lm_head]
+
+    def named(layout: hf_layout.Layout) -> dict[str, ModuleInfo]:
+        return {hf_layout.to_layout(n, layout): i for n, i in canonical.items()}
+
+    runs = target or adapter_layout
+    naming = (f" (module names of transformers {ctx.options.transformers_version}, layout "
+              f"{runs.value})" if target is not None else f" (module names in the "
+              f"{runs.value} layout the adapter was saved with)")
+    return ModuleSet(named(adapter_layout), "base", ctx.base_path,
+                     targeting=named(runs) if runs != adapter_layout else None,
+                     head=frozenset({hf_layout.to_layout(head, lay)
+                                     for lay in (adapter_layout, runs)}),
+                     multimodal_elsewhere=False, naming=naming)
 
 
 def _add_config_projector(ctx: Context, modules: dict[str, ModuleInfo]) -> list[str]:
@@ -204,9 +252,17 @@ def _from_config(ctx: Context) -> ModuleSet | None:
     return ModuleSet(modules, "config", path, tuple(added))
 
 
+_BUILDERS = {Family.llava: (_from_base, _from_config), Family.llava_hf: (_from_hf_base,)}
+
+
 def module_set(ctx: Context) -> ModuleSet | None:
-    """The modules of the merge-time model: from the base's headers, else from config.json."""
-    return _from_base(ctx) or _from_config(ctx)
+    """The modules of the merge-time model: from the base's headers (named per family), else
+    from config.json."""
+    for build in _BUILDERS[ctx.family]:
+        found = build(ctx)
+        if found is not None:
+            return found
+    return None
 
 
 def _target_version(ctx: Context) -> str | None:
@@ -521,8 +577,8 @@ def target_modules_missing(ctx: Context) -> Iterable[Hit]:
     _skip_if_blocked(ev, TARGETING_FIELDS)
     fast_cfg = prepared(cfg)
     try:
-        matched = [n for n in mods.wrappable
-                   if config_matches(fast_cfg, n, mods.linear, matcher=ev or direct)]
+        matched = [n for n in mods.target_wrappable
+                   if config_matches(fast_cfg, n, mods.target_linear, matcher=ev or direct)]
     except re.error as e:
         yield Hit(f"{path}: target_modules {_json(cfg.target_modules)} (or an exclude_modules/"
                   f"modules_to_save entry, which peft also reads as a regex) is not a valid "
@@ -531,13 +587,14 @@ def target_modules_missing(ctx: Context) -> Iterable[Hit]:
         return
     if matched:
         return
-    example = next((n for n in mods.wrappable if ".layers.0." in n), None) or \
-        (mods.wrappable[0] if mods.wrappable else None)
+    wrappable = mods.target_wrappable
+    example = next((n for n in wrappable if ".layers.0." in n), None) or \
+        (wrappable[0] if wrappable else None)
     filters = {k: raw.get(k) for k in ("layers_to_transform", "layers_pattern", "exclude_modules")
                if raw.get(k) not in (None, [], "")}
     extra = f" (with {', '.join(f'{k}={_json(v)}' for k, v in filters.items())})" if filters else ""
     yield Hit(f"{path}: target_modules {_json(cfg.target_modules)}{extra} selects none of the "
-              f"{len(mods.wrappable)} Linear/Embedding modules of {mods.describe} (e.g. "
+              f"{len(wrappable)} Linear/Embedding modules of {mods.describe} (e.g. "
               f"'{example}'); peft refuses it: `ValueError: Target modules "
               f"{cfg.target_modules} not found in the base model.` Use the base the adapter was "
               "trained on, or correct target_modules", path=path,
@@ -547,7 +604,8 @@ def target_modules_missing(ctx: Context) -> Iterable[Hit]:
 
 # --- LD203 ---------------------------------------------------------------------------------
 
-def _expected(mod: AdapterModule, info: ModuleInfo, r: int) -> dict[str, tuple[int, ...]]:
+def _expected(mod: AdapterModule, info: ModuleInfo, r: int,
+              head: frozenset[str] = frozenset({"lm_head"})) -> dict[str, tuple[int, ...]]:
     """Adapter key -> the shape peft gives that parameter for a rank-r LoRA on this module."""
     shape = info.shape
     if shape is None or len(shape) != 2:
@@ -574,7 +632,7 @@ def _expected(mod: AdapterModule, info: ModuleInfo, r: int) -> dict[str, tuple[i
     if mod.bias:
         out[mod.bias] = (shape[0] if info.kind != "embedding" else shape[1],)
     # A full replacement must fit the base; resized vocabularies are LD403's business.
-    if mod.weight and info.kind != "embedding" and mod.name != "lm_head":
+    if mod.weight and info.kind != "embedding" and mod.name not in head:
         out[mod.weight] = shape
     return out
 
@@ -644,7 +702,7 @@ def adapter_shape_mismatch(ctx: Context) -> Iterable[Hit]:
                               "key": a_key or b_key})
         if file_r is None:
             file_r = 0
-        for key, want in _expected(mod, info, file_r).items():
+        for key, want in _expected(mod, info, file_r, mods.head).items():
             got = tuple(ad.tensors[key].shape)
             if got != tuple(want) and not (len(got) == 1 and got == (0,)):
                 dims.append({"key": key, "expected": list(want), "actual": list(got),
@@ -1084,7 +1142,7 @@ def adapter_keys_unmatched(ctx: Context) -> Iterable[Hit]:
     untargeted: list[str] = []    # module present, but target_modules does not select it
     odd: list[str] = list(parsed.unprefixed)  # keys peft's loader cannot place at all
     for mod in parsed.modules.values():
-        if _part(mod.name) is not None:
+        if mods.multimodal_elsewhere and _part(mod.name) is not None:
             continue
         odd.extend(mod.other)
         info = mods.modules.get(mod.name)

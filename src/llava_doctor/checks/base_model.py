@@ -626,9 +626,12 @@ def wrong_base_kind(ctx: Context) -> Iterable[Hit]:
         return
     names = f" (recorded base '{recorded}', given '{ctx.base_path}')" if recorded else ""
     path = _need_base(ctx) / "config.json"
+    # Across families (an original-LLaVA LoRA on a llava-hf model) nothing lines up at all.
+    across = "llava-hf" in (given, trained)
     yield Hit(f"{path}: the base is {_KIND_TEXT[given]}, but the LoRA was trained on "
               f"{_KIND_TEXT[trained]} ({signal} in its config.json){names}. LoRA deltas only "
               "make sense on the weights they were trained on: the merge completes and the "
               "model is degraded. Pass the base the LoRA was trained on", path=path,
               evidence={"trained_on": trained, "given": given, "recorded_base": recorded,
-                        "architectures": arch})
+                        "architectures": arch},
+              severity=Severity.error if across else None)

@@ -5,6 +5,7 @@ from llava_doctor.checks import (  # noqa: F401
     base_model,
     environment,
     files,
+    hf,
     internal,
     layout,
     preflight,

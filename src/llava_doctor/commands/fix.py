@@ -14,8 +14,10 @@ from llava_doctor.cli import (
     PeftOpt,
     ProjectorOpt,
     SelectOpt,
+    TransformersOpt,
     _fail,
     _installed_peft,
+    _installed_transformers,
 )
 from llava_doctor.errors import DoctorError, UsageError
 
@@ -30,6 +32,7 @@ def fix(
     base: BaseOpt = None,
     projector: ProjectorOpt = None,
     peft_version: PeftOpt = None,
+    transformers_version: TransformersOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and a diff of every "
                                           "JSON change; write nothing.")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Apply without asking.")] = False,
@@ -79,7 +82,8 @@ def fix(
             for d in rec.rolled_back:
                 _progress(f"rolled back the interrupted fix {d}")
         opts = Options(base=base, projector=projector,
-                       peft_version=peft_version or _installed_peft())
+                       peft_version=peft_version or _installed_peft(),
+                       transformers_version=transformers_version or _installed_transformers())
         report, plan = plan_fixes(lora_dir, opts, select=select, ignore=ignore,
                                   allow_unsafe=unsafe)
         sys.stdout.write(render_plan(plan, diff=dry_run))

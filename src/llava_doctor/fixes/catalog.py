@@ -3,6 +3,7 @@
 from llava_doctor.fixes import (  # noqa: F401
     adapter_config,
     config_fields,
+    hf,
     missing_files,
     naming,
     non_lora_keys,

@@ -84,7 +84,7 @@ PLANNERS: dict[str, Planner] = {}
 # fixes that look at which projector keys land (LD302 injects one when none does, LD301 types
 # it), so that each sees the file as it will be.
 ORDER = ("LD101", "LD104", "LD106", "LD201", "LD208", "LD305", "LD302", "LD301", "LD307",
-         "LD403", "LD406")
+         "LD403", "LD406", "LD701", "LD704")
 
 
 def _rank(code: str) -> tuple[int, str]:

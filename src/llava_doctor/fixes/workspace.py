@@ -213,6 +213,12 @@ class Workspace:
             e.data = data
         e.summary = f"copy of {source}"
 
+    def put_bytes(self, rel: str | Path, data: bytes, summary: str = "") -> None:
+        """Plan writing exactly ``data`` to `rel` (a file we built byte for byte)."""
+        e = self._entry(self.path(rel), "bytes")
+        e.data = data
+        e.summary = summary
+
     def set_tensors(self, rel: str | Path, tensors: dict[str, torch.Tensor], summary: str = ""
                     ) -> None:
         """Plan a `torch.save` of exactly these tensors to `rel`."""
