@@ -219,14 +219,14 @@ def adapter_fate(module: str, layout: Layout, version: str, *, full: bool) -> Fa
     ``module`` (a module path in ``layout``, the trainer's naming); ``full``: a whole tensor
     (`modules_to_save`, a trained bias) rather than a LoRA factor.
 
-    Measured / from the sources (llava-hf-layout.md): keys spelled as the loading model names its
-    modules are applied. Newer peft converts pre-4.52 (canonical) keys to the >= 4.52 names
-    (peft #2574, transformers #38627) for the language model; under transformers 5 it does not
-    reach CLIP's dropped `vision_model.` level nor the projector: pre-4.52 vision-tower and
-    projector LoRA is silently not applied, and a pre-4.52 `modules_to_save` copy of the
-    projector (or tower) crashes (`KeyError:
-    'base_model.model.model.multi_modal_projector.linear_1.weight'`). Nothing
-    converts newer keys for an older transformers: they match no module and are dropped.
+    Keys spelled as the loading model names its modules are applied. Newer peft converts
+    pre-4.52 (canonical) keys to the >= 4.52 names (peft #2574, transformers #38627); measured
+    with peft 0.21.2 + transformers 5.24 on adapters saved by 4.46.3: language-model and
+    vision-tower LoRA are converted, projector LoRA is not (silently not applied: an
+    `all-linear` adapter merges wrong), and a `modules_to_save` projector crashes the load
+    (`KeyError: 'base_model.model.model.multi_modal_projector.linear_1.weight'`); full copies
+    outside the language model are taken to fail the same way. Nothing converts newer keys for
+    an older transformers: they match no module and are dropped.
     """
     runs = runtime_layout(version)
     hit = split(module, layout)
@@ -235,10 +235,14 @@ def adapter_fate(module: str, layout: Layout, version: str, *, full: bool) -> Fa
     part = hit[0]
     if runs == Layout.canonical:
         return Fate.dropped
+    if part in (Part.language_model, Part.lm_head):
+        return Fate.applied
     if layout in (Layout.canonical, Layout.saved_5):
         if runs == Layout.runtime_4:
             return Fate.applied
-        if part in (Part.language_model, Part.lm_head):
-            return Fate.applied
-        return Fate.crash if full else Fate.dropped
-    return Fate.dropped  # runtime-4.52 <-> runtime-5: the vision tower's `vision_model.` level
+        if full:
+            return Fate.crash
+        return Fate.applied if part == Part.vision_tower else Fate.dropped
+    if layout == Layout.runtime_4 and runs == Layout.runtime_5:
+        return Fate.applied  # 5.x drops CLIP's `vision_model.` level on load, as for checkpoints
+    return Fate.dropped  # runtime-5 keys lack `vision_model.`, which 4.52 ... 4.x needs

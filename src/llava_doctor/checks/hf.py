@@ -181,12 +181,13 @@ def hf_key_layout(ctx: Context) -> Iterable[Hit]:
 
     ## Why is this bad?
     Nothing converts newer adapter keys for an older transformers: they match no module and
-    the LoRA is silently not applied. peft + transformers 5 convert only the language-model part
-    of a pre-4.52 adapter: a `modules_to_save` projector crashes the load (`KeyError:
-    'base_model.model.model.multi_modal_projector.linear_1.weight'`), and vision-tower or
-    projector LoRA (`target_modules="all-linear"`) is silently not applied, so the merged model
-    is wrong. A checkpoint saved by transformers 5 (`vision_tower.embeddings.*`) loads in 4.x
-    with a randomly initialised vision tower, reported only as a warning.
+    the LoRA is silently not applied. peft + transformers 5 convert the language-model and
+    vision-tower keys of a pre-4.52 adapter but not the projector's: a `modules_to_save`
+    projector crashes the load (`KeyError:
+    'base_model.model.model.multi_modal_projector.linear_1.weight'`), and projector LoRA
+    (`target_modules="all-linear"`) is silently not applied, so the merged model is wrong. A
+    checkpoint saved by transformers 5 (`vision_tower.embeddings.*`) loads in 4.x with a
+    randomly initialised vision tower, reported only as a warning.
 
     ## Example
     An adapter trained with TRL under transformers 4.46 with `modules_to_save=
@@ -261,7 +262,7 @@ def _adapter_info(path: Path, lay: Layout, keys: list[str]) -> Iterable[Hit]:
         if not risky:
             return
         yield Hit(f"{path}: the adapter was saved by transformers < 4.52 and holds "
-                  f"{len(risky)} vision-tower, projector or modules_to_save tensor(s) (e.g. "
+                  f"{len(risky)} projector or modules_to_save tensor(s) (e.g. "
                   f"'{risky[0]}') that peft under transformers >= 5 does not map (it crashes "
                   "or silently skips them); no target transformers is known (pass "
                   "--transformers-version). `llava-doctor merge` reads it as it is",

@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from llava_doctor.artifacts.configs import read_json
+from llava_doctor.artifacts.discovery import Family
 from llava_doctor.errors import DoctorError, MergeError, UsageError
 from llava_doctor.fsutil import fsync_dir
+from llava_doctor.merge.hf import build_hf_plan, write_hf_side_files
 from llava_doctor.merge.llava_parts import (
     fixed_generation_config,
     llm_family,
@@ -183,10 +185,13 @@ def resolve_inputs(lora_dir: Path, base: Path | None, projector: Path | None,
     if acfg is None:
         raise fail_for(ctx.file("adapter_config.json"), "has no adapter_config.json",
                        "copy it from the run's output (LD103)")
-    if ctx.file("config.json") is None:
-        raise MergeError("has no config.json, so the merged model's LLaVA config is unknown",
-                         path=lora_dir, hint="run `llava-doctor fix` (LD101)")
-    lora_config = read_json(lora_dir / "config.json")
+    family = ctx.family
+    lora_config = None
+    if family == Family.llava:
+        if ctx.file("config.json") is None:
+            raise MergeError("has no config.json, so the merged model's LLaVA config is unknown",
+                             path=lora_dir, hint="run `llava-doctor fix` (LD101)")
+        lora_config = read_json(lora_dir / "config.json")
     if ctx.base_path is None:
         raise MergeError(f"no base model: {ctx.base_resolved.note}", path=lora_dir,
                          hint="pass --base DIR, the model the LoRA was trained on")
@@ -205,7 +210,7 @@ def resolve_inputs(lora_dir: Path, base: Path | None, projector: Path | None,
     inputs = MergeInputs(lora_dir=lora_dir, adapter=adapter, adapter_config=acfg,
                          lora_config=lora_config, base_path=ctx.base_path, base=md,
                          base_config=base_config, non_lora=non_lora, projector=proj,
-                         projector_label=pres.source)
+                         projector_label=pres.source, family=family)
     return inputs, proj_err
 
 
@@ -325,7 +330,8 @@ def merge(lora_dir: Path | str, base: Path | str | None, out: Path | str, *,
     emit(phase="plan")
     try:
         inputs, proj_err = resolve_inputs(lora_dir, base_p, proj_p)
-        plan = build_plan(inputs, dtype=dtype, max_shard_size=shard_limit, force=force)
+        plan = PLANNERS[inputs.family](inputs, dtype=dtype, max_shard_size=shard_limit,
+                                       force=force)
         if plan.projector_source == "none" and proj_err is not None:
             raise MergeError(proj_err.message, path=proj_err.path, hint=proj_err.hint)
     except DoctorError:
@@ -339,7 +345,8 @@ def merge(lora_dir: Path | str, base: Path | str | None, out: Path | str, *,
     warnings = tuple(f for f in report.findings if f.severity != Severity.info
                      or f.code.startswith("LD6"))
     hf = None
-    if to == "llava-hf":
+    # A llava-hf run merges into the canonical llava-hf layout already: nothing to convert.
+    if to == "llava-hf" and inputs.family == Family.llava:
         from llava_doctor.merge.convert import prepare_hf
 
         hf = prepare_hf(inputs.lora_config or {}, {t.name: t.shape for t in plan.tensors},
@@ -350,13 +357,13 @@ def merge(lora_dir: Path | str, base: Path | str | None, out: Path | str, *,
     notes += [f"{f.code} {f.name}: an error for LLaVA's own merge, handled here ("
               + _HANDLED[f.code] + ")" for f in handled]
 
-    if hf is None:
+    if hf is None and inputs.family == Family.llava:  # names matter to LLaVA's loader only
         notes += out_name_warnings(out, llm_family(inputs.lora_config, inputs.base_config))
 
     def side(plan: MergePlan, partial: Path, notes: list[str]) -> dict[str, str]:
         if hf is not None:
             return hf.side_files(plan, partial, notes)
-        return _write_side_files(plan, inputs, partial, durable, notes)
+        return SIDE_FILES[inputs.family](plan, inputs, partial, durable, notes)
 
     files, checked = write_verified(plan, out, dev, side, notes, observer=observer,
                                     durable=durable, verify=verify)
@@ -472,6 +479,21 @@ def _write_side_files(plan: MergePlan, inputs: MergeInputs, out: Path, durable: 
                              hint="check its permissions") from None
         files[src.name] = write_file(out / src.name, data, durable=durable)
     return files
+
+
+def _write_hf_side_files(plan: MergePlan, inputs: MergeInputs, out: Path, durable: bool,
+                         notes: list[str]) -> dict[str, str]:
+    out_dtype = plan.out_dtype if plan.out_dtype != "auto" else _auto_dtype_name(plan)
+    return write_hf_side_files(plan, inputs, out, durable, notes, out_dtype)
+
+
+# One planner and one side-file writer per family; the streaming writer and the verifier
+# serve both.
+PLANNERS: dict[Family, Callable[..., MergePlan]] = {Family.llava: build_plan,
+                                                    Family.llava_hf: build_hf_plan}
+SIDE_FILES: dict[Family, Callable[[MergePlan, MergeInputs, Path, bool, list[str]],
+                                  dict[str, str]]] = {
+    Family.llava: _write_side_files, Family.llava_hf: _write_hf_side_files}
 
 
 def _auto_dtype_name(plan: MergePlan) -> str:

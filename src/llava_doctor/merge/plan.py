@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +33,7 @@ from llava_doctor.artifacts.bounded_re import (
     evaluate,
     with_ancestors,
 )
+from llava_doctor.artifacts.discovery import Family
 from llava_doctor.artifacts.llava import projector_keys
 from llava_doctor.artifacts.model_dir import ModelDir
 from llava_doctor.artifacts.peft_match import (
@@ -178,6 +179,7 @@ class MergeInputs:
     non_lora: WeightFile | None = None
     projector: WeightFile | None = None
     projector_label: str = ""
+    family: Family = Family.llava
 
 
 def _refuse(message: str, *, path: Path | str | None = None, hint: str = "") -> MergeError:
@@ -245,54 +247,77 @@ def _dominant_float(infos: list[TensorInfo]) -> str:
     return max(sizes, key=lambda d: sizes[d]) if sizes else "F16"
 
 
-def build_plan(inputs: MergeInputs, *, dtype: str = "float16", max_shard_size: int = 5 * 10**9,
-               force: bool = False) -> MergePlan:
-    """Decide every output tensor from headers. Raises MergeError for what cannot be merged."""
-    if dtype not in DTYPES:
-        raise UsageError(f"unknown --dtype '{dtype}'", hint=f"choose one of: {', '.join(DTYPES)}")
-    acfg = inputs.adapter_config
-    apath = inputs.adapter.path
-    check_adapter_config(acfg, inputs.lora_dir / "adapter_config.json")
-    notes: list[str] = []
-    dropped: dict[str, str] = {}
-    files: dict[Path, WeightFile] = {inputs.adapter.path: inputs.adapter}
+@dataclass
+class TargetTable:
+    """The output tensors decided so far: name -> where the bytes come from. A family's planner
+    fills it (base, then replacements, then LoRA) and `finish_plan` turns it into a MergePlan.
+    """
 
-    # 1. base tensors, in read order
-    base_items = _ordered_base(inputs.base)
-    targets: dict[str, Source] = {}
-    base_dtype: dict[str, str] = {}
-    base_shape: dict[str, tuple[int, ...]] = {}
-    for wf, info in base_items:
-        if _DROP.search(info.name):
-            dropped[f"{wf.path.name}:{info.name}"] = "a buffer transformers recomputes at load"
-            continue
-        files[wf.path] = wf
-        targets[info.name] = Source(wf.path, info.name, info, "base")
-        base_dtype[info.name] = info.dtype
-        base_shape[info.name] = info.shape
-    base_float = _dominant_float([i for _, i in base_items])
-    lora_cfg = inputs.lora_config or {}
-    cfg_vocab = lora_cfg.get("vocab_size") if isinstance(lora_cfg.get("vocab_size"), int) else None
-    replaced: dict[str, str] = {}
+    targets: dict[str, Source] = field(default_factory=dict)
+    base_dtype: dict[str, str] = field(default_factory=dict)
+    base_shape: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    files: dict[Path, WeightFile] = field(default_factory=dict)
+    replaced: dict[str, str] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    base_float: str = "F16"
+    # embed_tokens / lm_head names: their rows may legitimately grow to `vocab` (added tokens).
+    embed_names: tuple[str, str] = ("model.embed_tokens.weight", "lm_head.weight")
+    vocab: int | None = None
 
-    def may_resize(name: str, shape: tuple[int, ...]) -> bool:
-        # A resized vocabulary (added tokens) legitimately changes embed_tokens/lm_head rows.
-        old = base_shape.get(name)
-        return (name in ("model.embed_tokens.weight", "lm_head.weight") and old is not None
+    def may_resize(self, name: str, shape: tuple[int, ...]) -> bool:
+        old = self.base_shape.get(name)
+        return (name in self.embed_names and old is not None
                 and len(shape) == 2 and len(old) == 2 and shape[1] == old[1]
-                and cfg_vocab is not None and shape[0] == cfg_vocab)
+                and self.vocab is not None and shape[0] == self.vocab)
 
-    def put(name: str, src: Source) -> None:
-        old = targets.get(name)
+    def put(self, name: str, src: Source) -> None:
+        old = self.targets.get(name)
         if old is not None and old.info.shape != src.info.shape \
-                and not may_resize(name, src.info.shape):
+                and not self.may_resize(name, src.info.shape):
             raise _refuse(f"'{src.key}' has shape {list(src.info.shape)} but replaces '{name}' "
                           f"of shape {list(old.info.shape)}", path=src.file,
                           hint="this file was trained for another model; pass the base it was "
                                "trained on (LD402/LD403)")
-        targets[name] = src
+        self.targets[name] = src
         if old is not None:
-            replaced[name] = src.origin
+            self.replaced[name] = src.origin
+
+
+def base_table(inputs: MergeInputs, rename: Callable[[str], str] = lambda n: n,
+               **kw: Any) -> TargetTable:
+    """Every base tensor, in read order, under its output name ``rename(name)``."""
+    table = TargetTable(**kw)
+    table.files[inputs.adapter.path] = inputs.adapter
+    base_items = _ordered_base(inputs.base)
+    for wf, info in base_items:
+        if _DROP.search(info.name):
+            table.dropped[f"{wf.path.name}:{info.name}"] = \
+                "a buffer transformers recomputes at load"
+            continue
+        name = rename(info.name)
+        table.files[wf.path] = wf
+        table.targets[name] = Source(wf.path, info.name, info, "base")
+        table.base_dtype[name] = info.dtype
+        table.base_shape[name] = info.shape
+    table.base_float = _dominant_float([i for _, i in base_items])
+    return table
+
+
+def build_plan(inputs: MergeInputs, *, dtype: str = "float16", max_shard_size: int = 5 * 10**9,
+               force: bool = False) -> MergePlan:
+    """Decide every output tensor of an original-LLaVA merge from headers. Raises MergeError
+    for what cannot be merged."""
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown --dtype '{dtype}'", hint=f"choose one of: {', '.join(DTYPES)}")
+    check_adapter_config(inputs.adapter_config, inputs.lora_dir / "adapter_config.json")
+    lora_cfg = inputs.lora_config or {}
+    cfg_vocab = lora_cfg.get("vocab_size") if isinstance(lora_cfg.get("vocab_size"), int) else None
+
+    # 1. base tensors, in read order
+    table = base_table(inputs, vocab=cfg_vocab)
+    targets, files, notes, dropped = table.targets, table.files, table.notes, table.dropped
+    put = table.put
 
     # 2. non_lora_trainables, as LLaVA's builder (plus fix's normalisations) places them
     renamed: dict[str, str] = {}
@@ -343,6 +368,33 @@ def build_plan(inputs: MergeInputs, *, dtype: str = "float16", max_shard_size: i
                      "merged model has no mm_projector (LD302)")
 
     # 4. the adapter
+    def unmatched_reason(key: str) -> str | None:
+        if "vision_tower" in key:
+            # LLaVA delay-loads the tower, so its merge drops these too (F30); the merged
+            # checkpoint carries no tower weights either.
+            return "LoRA on the vision tower, which LLaVA reloads from mm_vision_tower"
+        return None
+
+    specs, bias_deltas = plan_adapter(table, inputs, force=force,
+                                      unmatched_reason=unmatched_reason)
+    return finish_plan(table, specs, bias_deltas, dtype=dtype, max_shard_size=max_shard_size,
+                       adapter_path=inputs.adapter.path, projector_source=projector_source,
+                       renamed=renamed)
+
+
+def plan_adapter(table: TargetTable, inputs: MergeInputs, *, force: bool,
+                 module_name: Callable[[str], str] = lambda m: m,
+                 unmatched_reason: Callable[[str], str | None] = lambda k: None,
+                 ) -> tuple[dict[str, LoraSpec], dict[str, tuple[str, float]]]:
+    """Put the adapter's full tensors into ``table`` and decide its LoRA deltas (peft's maths).
+
+    ``module_name`` maps an adapter module path (the training model's naming, which rank and
+    alpha patterns are matched against) to the output module name. Returns the LoRA spec and
+    the `lora_B.bias` delta of every output tensor that gets one.
+    """
+    targets, notes, dropped = table.targets, table.notes, table.dropped
+    acfg = inputs.adapter_config
+    apath = inputs.adapter.path
     akeys = parse_adapter_keys(inputs.adapter.tensors)
     if akeys.unprefixed:
         raise _refuse(f"adapter key '{akeys.unprefixed[0]}' lacks peft's '{PEFT_PREFIX}' prefix, "
@@ -369,20 +421,21 @@ def build_plan(inputs: MergeInputs, *, dtype: str = "float16", max_shard_size: i
         if name not in targets:
             unmatched.append(key)
             return
-        put(name, Source(apath, key, ainfo[key], "adapter"))
+        table.put(name, Source(apath, key, ainfo[key], "adapter"))
 
     for module, am in akeys.modules.items():
+        out = module_name(module)
         for key in am.other:
             if key == f"{PEFT_PREFIX}{module}.base_layer.weight":
-                full(key, f"{module}.weight")  # the saved copy of a (resized) embedding layer
+                full(key, f"{out}.weight")  # the saved copy of a (resized) embedding layer
             else:
                 raise _refuse(f"adapter key '{key}' is not a tensor peft's LoRA loader places",
                               path=apath, hint="this adapter type or layout cannot be merged "
                                                "exactly (LD206)")
         if am.weight is not None:
-            full(am.weight, f"{module}.weight")
+            full(am.weight, f"{out}.weight")
         if am.bias is not None:
-            full(am.bias, f"{module}.bias")
+            full(am.bias, f"{out}.bias")
         if am.is_lora and am.is_embedding_lora:
             raise _refuse(f"module '{module}' has both Linear and Embedding LoRA tensors",
                           path=apath, hint="the adapter file is inconsistent")
@@ -392,7 +445,7 @@ def build_plan(inputs: MergeInputs, *, dtype: str = "float16", max_shard_size: i
             if a is None or b is None:
                 raise _refuse(f"module '{module}' has only one of its two LoRA matrices",
                               path=apath, hint="the adapter file is incomplete (LD105)")
-            target = f"{module}.weight"
+            target = f"{out}.weight"
             if target not in targets:
                 unmatched.append(a)
                 continue
@@ -444,7 +497,7 @@ def build_plan(inputs: MergeInputs, *, dtype: str = "float16", max_shard_size: i
             raise _refuse(f"module '{module}' has a DoRA magnitude but no LoRA matrices",
                           path=apath, hint="the adapter file is incomplete")
         if am.lora_bias is not None:
-            target = f"{module}.bias"
+            target = f"{out}.bias"
             if target not in targets:
                 raise _refuse(f"'{am.lora_bias}' needs a base bias '{target}', which the base "
                               "lacks (peft raises the same)", path=apath,
@@ -456,11 +509,9 @@ def build_plan(inputs: MergeInputs, *, dtype: str = "float16", max_shard_size: i
             bias_deltas[target] = (am.lora_bias, scaling)
 
     for key in unmatched:
-        if "vision_tower" in key:
-            # LLaVA delay-loads the tower, so its merge drops these too (F30); the merged
-            # checkpoint carries no tower weights either.
-            dropped[f"{apath.name}:{key}"] = "LoRA on the vision tower, which LLaVA reloads " \
-                                             "from mm_vision_tower"
+        why = unmatched_reason(key)
+        if why is not None:
+            dropped[f"{apath.name}:{key}"] = why
         elif force:
             dropped[f"{apath.name}:{key}"] = "adapter key with no base tensor"
         else:
@@ -471,21 +522,29 @@ def build_plan(inputs: MergeInputs, *, dtype: str = "float16", max_shard_size: i
     if not specs and not bias_deltas:
         notes.append("the adapter holds no LoRA tensors: the merged model is the base plus the "
                      "LLaVA parts only (LD105)")
+    return specs, bias_deltas
+
+
+def finish_plan(table: TargetTable, specs: dict[str, LoraSpec],
+                bias_deltas: dict[str, tuple[str, float]], *, dtype: str, max_shard_size: int,
+                adapter_path: Path, projector_source: str,
+                renamed: dict[str, str] | None = None) -> MergePlan:
+    """Output dtypes, order and shards: the MergePlan the streaming writer and the verifier use,
+    whichever family's planner filled the table."""
+    dropped, notes = table.dropped, table.notes
     if dropped:
         notes.append(f"{len(dropped)} input tensor(s) not carried over: "
                      + "; ".join(f"{k} ({v})" for k, v in list(dropped.items())[:3])
                      + (" ..." if len(dropped) > 3 else ""))
-
-    # 5. output dtypes, order, shards
     planned: list[PlannedTensor] = []
-    for name, src in targets.items():
+    for name, src in table.targets.items():
         info = src.info
         if info.dtype not in FLOAT_DTYPES:
             out_dt = info.dtype
         elif dtype == "auto":
-            out_dt = base_dtype.get(name, base_float)
+            out_dt = table.base_dtype.get(name, table.base_float)
             if out_dt not in FLOAT_DTYPES:
-                out_dt = base_float
+                out_dt = table.base_float
         else:
             out_dt = _st(dtype)
         lb = bias_deltas.get(name)
@@ -494,12 +553,13 @@ def build_plan(inputs: MergeInputs, *, dtype: str = "float16", max_shard_size: i
                                      bias_scaling=lb[1] if lb else 0.0,
                                      end=info.numel * dtype_size(out_dt)))
     shards = _shard(planned, max_shard_size)
-    embed = targets.get("model.embed_tokens.weight")
-    return MergePlan(shards=tuple(shards), out_dtype=dtype, files=files, adapter_path=apath,
-                     lora_modules=len(specs), replaced=replaced, projector_source=projector_source,
+    embed = table.targets.get(table.embed_names[0])
+    return MergePlan(shards=tuple(shards), out_dtype=dtype, files=table.files,
+                     adapter_path=adapter_path, lora_modules=len(specs),
+                     replaced=table.replaced, projector_source=projector_source,
                      dropped=dropped, notes=tuple(notes),
                      vocab_rows=embed.info.shape[0] if embed is not None else None,
-                     renamed=renamed)
+                     renamed=renamed or {})
 
 
 @dataclass(frozen=True)
