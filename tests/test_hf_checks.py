@@ -302,3 +302,15 @@ def test_ld407_across_families(hf5: World, scenarios: dict[str, Path]) -> None:
     h = one(scenarios["lora"], "LD407", base=hf5.bases["llava"])
     assert (h.severity, h.evidence["given"]) == (Severity.error, "llava-hf")
     assert not found(hf5.adapters["lm"], "LD407", base=hf5.bases["llava"])
+
+
+def test_inspect_names_family_and_layout(hf5: World, hf4: World) -> None:
+    from llava_doctor.inspect_ import inspect_path, render_inspect_text
+
+    rep = inspect_path(hf5.bases["llava"])
+    assert (rep.kind, rep.family, rep.layout) == ("model", "llava-hf", "saved-5")
+    assert (inspect_path(hf4.bases["llava"]).layout) == "canonical"
+    ad = inspect_path(hf4.adapters["mts"])
+    assert (ad.kind, ad.family, ad.layout) == ("lora-output", "llava-hf", "canonical")
+    assert render_inspect_text(ad).splitlines()[0].endswith(
+        "(lora-output, llava-hf, canonical key layout)")

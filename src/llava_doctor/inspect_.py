@@ -37,6 +37,8 @@ class InspectReport(BaseModel):
     model_config = ConfigDict(frozen=True)
     path: str
     kind: str
+    family: str | None = None   # llava | llava-hf | llm (directories the family applies to)
+    layout: str | None = None   # llava-hf key layout of the weights (artifacts.hf_layout)
     files: list[FileReport]
     tensor_count: int
     total_bytes: int
@@ -74,10 +76,40 @@ def inspect_path(path: Path | str) -> InspectReport:
         names += sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES
                         and p not in names)
         files = [_file(p) for p in names]
-    return InspectReport(path=str(path), kind=getattr(kind, "value", kind), files=files,
+    family, layout = _family(path, kind, files) if path.is_dir() else (None, None)
+    return InspectReport(path=str(path), kind=getattr(kind, "value", kind), family=family,
+                         layout=layout, files=files,
                          tensor_count=sum(f.tensor_count for f in files),
                          total_bytes=sum(f.total_bytes for f in files),
                          params=sum(f.params for f in files))
+
+
+def _family(path: Path, kind: object, files: list[FileReport]) -> tuple[str | None, str | None]:
+    """The run's or model's family, and for llava-hf the key layout, from the files."""
+    from llava_doctor.artifacts import hf_layout
+    from llava_doctor.artifacts.configs import read_json
+    from llava_doctor.artifacts.discovery import (
+        LORA_KINDS,
+        DirKind,
+        Family,
+        base_family,
+        lora_family,
+    )
+
+    keys = [t.name for f in files for t in f.tensors]
+    fam: Family | None
+    if kind in LORA_KINDS:
+        fam = lora_family(path, keys)
+        lay = hf_layout.detect_adapter_layout(keys) if fam == Family.llava_hf else None
+    elif kind == DirKind.model and (path / "config.json").is_file():
+        try:
+            fam = base_family(read_json(path / "config.json"), keys)
+        except DoctorError:
+            return None, None
+        lay = hf_layout.detect_layout(keys) if fam == Family.llava_hf else None
+    else:
+        return None, None
+    return (fam.value if fam is not None else None), (lay.value if lay is not None else None)
 
 
 def _human(n: int) -> str:
@@ -89,7 +121,9 @@ def _human(n: int) -> str:
 
 
 def render_inspect_text(rep: InspectReport, max_rows: int = 50) -> str:
-    lines = [f"{rep.path}  ({rep.kind})"]
+    what = ", ".join(x for x in (rep.kind, rep.family,
+                                 f"{rep.layout} key layout" if rep.layout else None) if x)
+    lines = [f"{rep.path}  ({what})"]
     for f in rep.files:
         if f.error:
             lines.append(f"  {f.path}: ERROR {f.error}")

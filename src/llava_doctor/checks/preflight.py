@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llava_doctor.artifacts.configs import TOKENIZER_FILES
+from llava_doctor.artifacts.discovery import Family
 from llava_doctor.artifacts.llava import builder_rewrite
 from llava_doctor.artifacts.tensors import FLOAT_DTYPES, TensorInfo
 from llava_doctor.checks.base import BOTH, Hit, Skip, check
@@ -184,6 +185,11 @@ def memory_info() -> tuple[int | None, int | None]:
     return total, avail
 
 
+# The merge each family's users run otherwise (both load the whole model, then merge in place).
+_THEIR_MERGE = {Family.llava: "LLaVA's merge_lora_weights.py",
+                Family.llava_hf: "peft's merge (PeftModel.from_pretrained + merge_and_unload)"}
+
+
 @check("LD602", "memory-plan", Severity.info, families=BOTH)
 def memory_plan(ctx: Context) -> Iterable[Hit]:
     """How much RAM LLaVA's own merge would need here, and how much the streaming merge needs.
@@ -226,7 +232,7 @@ def memory_plan(ctx: Context) -> Iterable[Hit]:
         verdict = (" (fits)" if llava_need <= room else
                    " (more than is available: expect it to be OOM-killed)")
     big = f" ('{largest.name}', {_gb(largest.numel * 4)} as float32)" if largest else ""
-    yield Hit(f"LLaVA's merge_lora_weights.py would need about {_gb(llava_need)} of RAM (2 x the "
+    yield Hit(f"{_THEIR_MERGE[ctx.family]} would need about {_gb(llava_need)} of RAM (2 x the "
               f"{_gb(fp16_model)} float16 model + {_gb(plan.adapter)} adapter + "
               f"{_gb(plan.non_lora)} projector){verdict}; {machine}. `llava-doctor merge` streams "
               f"one tensor at a time and needs about {_gb(stream_need)}: the largest tensor{big} "
