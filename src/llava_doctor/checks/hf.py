@@ -452,8 +452,7 @@ def image_token_count(ctx: Context) -> dict[str, Any] | None:
 
 @check("LD704", "image-token-count", Severity.error, fix=FixSafety.safe, families=HF)
 def image_token_count_mismatch(ctx: Context) -> Iterable[Hit]:
-    """`processor_config.json` expands `<image>` into another number of tokens than the model
-    produces features.
+    """The processor expands `<image>` into another number of tokens than the model's features.
 
     ## What it does
     Computes the processor's expansion, `(H/patch_size)*(W/patch_size) +
