@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from check_helpers import found
 from hf_support import World
@@ -90,3 +91,21 @@ def test_ld704_fix_writes_the_adapter_dirs_processor_config(hf5: World, tmp_path
     assert _digest(base) == base_before
     _, again = plan_fixes(ad, opts)
     assert not again.files
+
+
+def test_fix_unsafe_plans_nothing_original_on_a_healthy_run(hf5: World) -> None:
+    # It used to plan LD106's symlink and LLaVA's merge_lora_weights.py for this adapter.
+    opts = Options(base=hf5.bases["llava"], transformers_version=T5, peft_version="0.21.2")
+    report, plan = plan_fixes(hf5.adapters["mts"], opts, allow_unsafe=True)
+    assert not plan.changes and not plan.files and not plan.unfixable
+    assert not [f for f in report.findings if f.code[:3] in ("LD1", "LD3")]
+
+
+def test_cli_rejects_a_bad_transformers_version(hf5: World,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from llava_doctor.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["check", str(hf5.adapters["lm"]), "--transformers-version", "latest"])
+    assert exc.value.code == 2
+    assert "--transformers-version 'latest' is not a version number" in capsys.readouterr().err

@@ -200,3 +200,13 @@ def test_where_peft_on_5_crashes_or_drops_the_lora_ours_is_right(
                        tmp_path / "ours")
     for n in ("mts", "all-linear"):
         _close(ours[n][0], refs4[n])
+
+
+def test_merge_refuses_a_llava_hf_adapter_on_a_plain_llm(hf5: World, scenarios: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    from llava_doctor.merge import PreflightRefused
+
+    with pytest.raises(PreflightRefused) as exc:
+        merge(hf5.adapters["lm"], scenarios["base-vicuna"], tmp_path / "out", device="cpu")
+    assert "LD407" in {f.code for f in exc.value.errors}
+    assert not (tmp_path / "out").exists()

@@ -104,6 +104,20 @@ def _installed_transformers() -> str | None:
         return None
 
 
+def _transformers_target(given: str | None) -> str | None:
+    """--transformers-version, validated, else the installed transformers (None: neither)."""
+    if given is None:
+        return _installed_transformers()
+    from llava_doctor.artifacts.hf_layout import parse_version
+
+    try:
+        parse_version(given)
+    except ValueError:
+        raise UsageError(f"--transformers-version '{given}' is not a version number",
+                         hint="write it like 4.46.3 or 5.0.0") from None
+    return given
+
+
 def version_callback(value: bool) -> None:
     if value:
         print(f"llava-doctor {__version__}")
@@ -214,7 +228,7 @@ def check(
                              hint="pass the repository root the report paths are relative to")
         opts = Options(base=base or cfg.base, projector=projector or cfg.projector,
                        peft_version=peft_version or cfg.peft_version or _installed_peft(),
-                       transformers_version=transformers_version or _installed_transformers(),
+                       transformers_version=_transformers_target(transformers_version),
                        fast=fast, scan_base=scan_base, out=out,
                        to=to if to == "llava-hf" else None, vision_tower=vision_tower)
         progress = (lambda p: _stderr(f"llava-doctor: checking {p}")) if verbose else None

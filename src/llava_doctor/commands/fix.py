@@ -17,7 +17,7 @@ from llava_doctor.cli import (
     TransformersOpt,
     _fail,
     _installed_peft,
-    _installed_transformers,
+    _transformers_target,
 )
 from llava_doctor.errors import DoctorError, UsageError
 
@@ -83,7 +83,7 @@ def fix(
                 _progress(f"rolled back the interrupted fix {d}")
         opts = Options(base=base, projector=projector,
                        peft_version=peft_version or _installed_peft(),
-                       transformers_version=transformers_version or _installed_transformers())
+                       transformers_version=_transformers_target(transformers_version))
         report, plan = plan_fixes(lora_dir, opts, select=select, ignore=ignore,
                                   allow_unsafe=unsafe)
         sys.stdout.write(render_plan(plan, diff=dry_run))
