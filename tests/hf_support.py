@@ -126,7 +126,7 @@ def build_processors(python: str, root: Path) -> dict[str, Path]:
 def build_world(python: str, version: str, root: Path, proc: dict[str, Path],
                 adapters: tuple[str, ...] = tuple(ADAPTERS)) -> World:
     """Bases for both archs and every adapter of ``adapters`` on the llava base, plus `next-mts`
-    (projector as modules_to_save) on the NeXT base."""
+    (projector as modules_to_save) and `next-all-linear` on the NeXT base."""
     bases = {a: root / f"base-{a}" for a in ("llava", "llava_next")}
     jobs: list[dict[str, Any]] = [
         {"op": "base", "arch": a, "out": str(p), "seed": 0,
@@ -135,10 +135,10 @@ def build_world(python: str, version: str, root: Path, proc: dict[str, Path],
     for i, (name, out) in enumerate(ads.items()):
         jobs.append({"op": "adapter", "arch": "llava", "base": str(bases["llava"]),
                      "out": str(out), "lora": ADAPTERS[name], "seed": 10 + i})
-    ads["next-mts"] = root / "lora-next-mts"
-    jobs.append({"op": "adapter", "arch": "llava_next", "base": str(bases["llava_next"]),
-                 "out": str(ads["next-mts"]), "seed": 30,
-                 "lora": {**ADAPTERS["mts"], "modules_to_save": ["multi_modal_projector"]}})
+    for i, name in enumerate(("mts", "all-linear")):
+        ads[f"next-{name}"] = root / f"lora-next-{name}"
+        jobs.append({"op": "adapter", "arch": "llava_next", "base": str(bases["llava_next"]),
+                     "out": str(ads[f"next-{name}"]), "seed": 30 + i, "lora": ADAPTERS[name]})
     ok(run_jobs(python, jobs, root / "jobs"))
     return World(root=root, python=python, version=version, bases=bases, adapters=ads, proc=proc)
 

@@ -76,7 +76,8 @@ def _strict_clean(path: Path, base: Path, version: str) -> None:
     assert rep.exit_code(Severity.warning) == 0
 
 
-@pytest.mark.parametrize("name", ["lm", "mts", "all-linear", "names", "dora", "next-mts"])
+@pytest.mark.parametrize("name", ["lm", "mts", "all-linear", "names", "dora", "next-mts",
+                                  "next-all-linear"])
 def test_healthy_runs_have_no_warning(hf5: World, hf4: World, name: str) -> None:
     arch = "llava_next" if name.startswith("next") else "llava"
     assert hf5.proc, "processor files come from the 4.46 venv"
@@ -314,3 +315,15 @@ def test_inspect_names_family_and_layout(hf5: World, hf4: World) -> None:
     assert (ad.kind, ad.family, ad.layout) == ("lora-output", "llava-hf", "canonical")
     assert render_inspect_text(ad).splitlines()[0].endswith(
         "(lora-output, llava-hf, canonical key layout)")
+
+
+def test_ld501_truncated_adapter_on_a_llava_hf_run(hf5: World, tmp_path: Path) -> None:
+    ad = hf5.copy("mts", tmp_path)
+    data = (ad / ADAPTER).read_bytes()
+    (ad / ADAPTER).write_bytes(data[: len(data) // 2])
+    f = one(ad, "LD501", base=hf5.bases["llava"])
+    assert Path(f.path) == ad / ADAPTER
+    rep = run_checks([ad], Options(base=hf5.bases["llava"], transformers_version=T5))
+    assert rep.targets[0].family == "llava-hf"  # still told apart: modules_to_save names it
+    assert "LD000" not in {f.code for f in rep.findings}
+    assert not found(hf5.adapters["mts"], "LD501", base=hf5.bases["llava"])

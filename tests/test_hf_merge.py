@@ -23,7 +23,7 @@ from llava_doctor.checks.context import Options
 from llava_doctor.fixes import apply_plan, plan_fixes
 from llava_doctor.merge import merge
 
-NAMES = ["lm", "mts", "all-linear", "names", "dora", "next-mts"]
+NAMES = ["lm", "mts", "all-linear", "names", "dora", "next-mts", "next-all-linear"]
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 
 

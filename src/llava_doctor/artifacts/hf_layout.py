@@ -39,7 +39,8 @@ from enum import Enum
 __all__ = ["Layout", "Part", "TABLE", "CANONICAL_ORDER", "to_canonical", "to_layout", "convert",
            "split", "key_layout", "detect_layout", "detect_adapter_layout", "runtime_layout",
            "checkpoint_readable", "parse_version", "PEFT_PREFIX", "RUNTIME_FROM",
-           "NO_VISION_MODEL_FROM", "adapter_fate", "Fate"]
+           "NO_VISION_MODEL_FROM", "adapter_fate", "Fate", "ORIGINAL_LLAVA",
+           "to_original_llava"]
 
 PEFT_PREFIX = "base_model.model."
 # transformers PR #37033: the runtime module names change in 4.52.
@@ -85,6 +86,9 @@ TABLE: dict[Layout, dict[Part, str]] = {
                      Part.projector: "multi_modal_projector",
                      Part.image_newline: "image_newline"},
 }
+# The language model's prefixes in original LLaVA's module names (LlavaLlamaForCausalLM keeps
+# Llama's `model.*` and `lm_head`); its vision tower and projector have no prefix-only mapping.
+ORIGINAL_LLAVA: dict[Part, str] = {Part.language_model: "model", Part.lm_head: "lm_head"}
 # The order the merge writes the parts in (the conversion scripts' order).
 CANONICAL_ORDER = (Part.language_model, Part.lm_head, Part.vision_tower, Part.projector,
                    Part.image_newline)
@@ -126,6 +130,14 @@ def to_canonical(key: str, layout: Layout) -> str:
 def to_layout(key: str, layout: Layout) -> str:
     """A canonical key in ``layout``."""
     return convert(key, Layout.canonical, layout)
+
+
+def to_original_llava(key: str, layout: Layout) -> str | None:
+    """A language-model key of ``layout`` in original LLaVA's names (None: no such mapping)."""
+    hit = split(key, layout)
+    if hit is None or hit[0] not in ORIGINAL_LLAVA:
+        return None
+    return ORIGINAL_LLAVA[hit[0]] + hit[1]
 
 
 def key_layout(key: str) -> Layout | None:

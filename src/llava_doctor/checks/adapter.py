@@ -1096,10 +1096,6 @@ def _converted_note(ctx: Context, raw: dict[str, Any]) -> str:
 
 # --- LD207 ---------------------------------------------------------------------------------
 
-_HF_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
-                ("language_model.lm_head", "lm_head"))
-
-
 @check("LD207", "adapter-keys-unmatched", Severity.error, families=BOTH)
 def adapter_keys_unmatched(ctx: Context) -> Iterable[Hit]:
     """Adapter keys that reach no LoRA layer when peft loads them onto this base.
@@ -1194,12 +1190,20 @@ def _module_of(key: str) -> str:
 
 
 def _prefix_remap(modules: list[str], mods: ModuleSet) -> tuple[str, str] | None:
-    """A single prefix rewrite (llava-hf <-> original LLaVA) under which every module exists."""
+    """A single prefix rewrite (llava-hf language model -> original LLaVA's `model.`) under
+    which every module exists (`hf_layout.to_original_llava`)."""
     if not modules:
         return None
-    for old, new in _HF_PREFIXES:
-        if all(m.startswith(old) and (new + m[len(old):]) in mods.modules for m in modules):
-            return old, new
+    for layout in (hf_layout.Layout.canonical, hf_layout.Layout.runtime_4):
+        mapped = [hf_layout.to_original_llava(m, layout) for m in modules]
+        if all(n is not None and n in mods.modules for n in mapped):
+            hits = {hf_layout.split(m, layout) for m in modules}
+            parts = {h[0] for h in hits if h is not None}
+            if len(parts) != 1:
+                continue
+            part = parts.pop()
+            return (hf_layout.TABLE[layout][part] + ".",
+                    hf_layout.ORIGINAL_LLAVA[part] + ".")
     return None
 
 
