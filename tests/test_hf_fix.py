@@ -60,7 +60,8 @@ def test_ld701_fix_needs_a_target_and_leaves_the_base(hf5: World, tmp_path: Path
     ad = hf5.copy("lm", tmp_path)
     _, plan = plan_fixes(ad, Options(base=hf5.bases["llava"]))
     assert not plan.files  # only info without a target: nothing to write
-    _, plan = plan_fixes(ad, Options(base=hf5.bases["llava"], transformers_version=T4))
+    _, plan = plan_fixes(ad, Options(base=hf5.bases["llava"], transformers_version=T4,
+                                     peft_version="0.13.2"))
     [change] = [c for c in plan.changes if c.code == "LD701"]
     assert change.files == (ADAPTER,)
     # the base's saved-5 layout is reported, not fixed
