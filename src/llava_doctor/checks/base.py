@@ -150,7 +150,8 @@ def codes_table_markdown() -> str:
             "|---|---|---|---|---|---|"]
     for spec in all_checks().values():
         summary = spec.summary.replace("|", "\\|")
-        runs = ", ".join(f.value for f in Family if f in spec.families)
+        runs = ", ".join(f.value for f in Family if f in spec.families) \
+            if spec.scope == TARGET else "env"
         rows.append(f"| {spec.code} | `{spec.name}` | {spec.severity.value} | {spec.fix.value} "
                     f"| {runs} | {summary} |")
     return "\n".join(rows) + "\n"
