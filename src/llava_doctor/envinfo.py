@@ -48,25 +48,23 @@ GPU_METHODS = ("auto", "nvidia-smi", "torch", "none")
 
 # Adapter key prefixes of the three layouts (cheap detection; the llava-hf key-layout module
 # is the authority where it exists).
-_LAYOUTS = (
-    ("base_model.model.model.language_model.", "llava-hf>=4.52"),
-    ("base_model.model.language_model.model.", "llava-hf<4.52"),
-    ("base_model.model.model.layers.", "llama"),
-)
-
-
 def adapter_key_layout(keys: Iterable[str]) -> str | None:
     """The layout an adapter's keys were saved in: `llava-hf>=4.52` (transformers >= 4.52
     runtime names, `base_model.model.model.language_model.*`), `llava-hf<4.52`
     (`base_model.model.language_model.model.*`), `llama` (original LLaVA or a plain LLM,
-    `base_model.model.model.layers.*`), `unknown`; None without keys."""
-    seen = False
-    for k in keys:
-        seen = True
-        for prefix, name in _LAYOUTS:
-            if k.startswith(prefix):
-                return name
-    return "unknown" if seen else None
+    `base_model.model.model.layers.*`), `unknown`; None without keys. The llava-hf layouts come
+    from `artifacts.hf_layout` (the one table of them)."""
+    from llava_doctor.artifacts import hf_layout
+
+    keys = list(keys)
+    if not keys:
+        return None
+    lay = hf_layout.detect_adapter_layout(keys)
+    if lay is not None:
+        return "llava-hf<4.52" if lay == hf_layout.Layout.canonical else "llava-hf>=4.52"
+    if any(k.startswith(hf_layout.PEFT_PREFIX + "model.layers.") for k in keys):
+        return "llama"
+    return "unknown"
 
 
 @dataclass(frozen=True)
