@@ -327,3 +327,13 @@ def test_ld501_truncated_adapter_on_a_llava_hf_run(hf5: World, tmp_path: Path) -
     assert rep.targets[0].family == "llava-hf"  # still told apart: modules_to_save names it
     assert "LD000" not in {f.code for f in rep.findings}
     assert not found(hf5.adapters["mts"], "LD501", base=hf5.bases["llava"])
+
+
+def test_text_report_names_the_family(hf5: World, scenarios: dict[str, Path]) -> None:
+    from llava_doctor.report import RENDERERS
+
+    rep = run_checks([hf5.adapters["lm"], scenarios["lora"]], Options(transformers_version=T5),
+                     select=["LD1"])
+    text = RENDERERS["text"](rep, color=False)
+    assert f"{hf5.adapters['lm']}  (lora-output, llava-hf)" in text
+    assert f"{scenarios['lora']}  (lora-output, llava)" in text

@@ -38,6 +38,8 @@ def render_junit(report: Report, *, root: str | os.PathLike[str] | None = None,
         suite = TestSuite(name)
         # Properties before the testcases, as the JUnit XSD orders them.
         suite.add_property("kind", target.kind)
+        if target.family:
+            suite.add_property("family", target.family)
         for outcome in target.checks:
             case = TestCase(f"{outcome.code} {outcome.name}", classname=name)
             found = by_check.get((target.path, outcome.code), [])

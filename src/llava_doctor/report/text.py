@@ -68,7 +68,8 @@ def render_text(report: Report, *, color: bool = False, verbose: bool = False,
     width = 100
     for target in report.targets:
         found = [f for f in report.findings if f.target == target.path]
-        lines.append(_c(f"{target.path}", "1", color) + f"  ({target.kind})")
+        what = f"{target.kind}, {target.family}" if target.family else target.kind
+        lines.append(_c(f"{target.path}", "1", color) + f"  ({what})")
         used = [f"{i.role}: {_rel(i.path)} ({_SOURCE.get(i.source, i.source)})"
                 if i.path is not None else
                 f"{i.role}: several *-pretrain/mm_projector.bin beside the run, none used "
