@@ -110,3 +110,27 @@ def test_cli_rejects_a_bad_transformers_version(hf5: World,
         main(["check", str(hf5.adapters["lm"]), "--transformers-version", "latest"])
     assert exc.value.code == 2
     assert "--transformers-version 'latest' is not a version number" in capsys.readouterr().err
+
+
+def test_ld701_fix_carries_full_path_target_modules_along(hf5: World, tmp_path: Path) -> None:
+    from check_helpers import edit_json
+
+    from llava_doctor.artifacts.peft_match import parse_adapter_keys
+
+    ad = hf5.copy("lm", tmp_path)
+    paths = sorted(parse_adapter_keys(load_file(str(ad / ADAPTER))).modules)
+    assert paths[0].startswith("model.language_model.layers.0.")
+    edit_json(ad / "adapter_config.json", target_modules=paths)  # LLaMA-Factory's full paths
+    opts = Options(base=hf5.bases["llava"], transformers_version=T4, peft_version="0.13.2")
+    assert found(ad, "LD202", base=hf5.bases["llava"], transformers_version=T4)
+    _, plan = plan_fixes(ad, opts)
+    [change] = [c for c in plan.changes if c.code == "LD701"]
+    assert change.files == (ADAPTER, "adapter_config.json")
+    apply_plan(plan)
+    written = json.loads((ad / "adapter_config.json").read_text())["target_modules"]
+    assert written == [p.replace("model.language_model.", "language_model.model.", 1)
+                       for p in paths]
+    for code in ("LD202", "LD207"):
+        assert not found(ad, code, base=hf5.bases["llava"], transformers_version=T4)
+    assert [f.evidence["what"] for f in found(ad, "LD701", base=hf5.bases["llava"],
+                                              transformers_version=T4)] == ["base"]

@@ -9,6 +9,7 @@ import json
 import struct
 from pathlib import Path
 
+from llava_doctor.artifacts import hf_layout
 from llava_doctor.artifacts.discovery import ADAPTER_WEIGHTS
 from llava_doctor.checks.hf import (
     PROCESSOR,
@@ -27,6 +28,8 @@ from llava_doctor.fixes.registry import (
 )
 from llava_doctor.fixes.workspace import Workspace
 from llava_doctor.models import FixSafety, Severity
+
+ACFG = "adapter_config.json"
 
 
 def rename_safetensors_keys(data: bytes, mapping: dict[str, str]) -> bytes:
@@ -63,6 +66,16 @@ def fix_hf_key_layout(pi: PlanInput) -> Outcome:
         return NothingToDo(f"every key is already in the layout transformers {version} runs")
     first = sorted(mapping)[0]
     source = ws.path(rel)
+    # Full module paths in target_modules (LLaMA-Factory writes them) must follow the keys, or
+    # peft creates no layer for the renamed keys; names and regexes are left as they are.
+    lay = hf_layout.detect_adapter_layout(names)
+    runs = hf_layout.runtime_layout(version)
+    acfg = ws.json(ACFG) or {}
+    targets = acfg.get("target_modules")
+    new_targets = None
+    if isinstance(targets, list) and lay is not None and runs is not None:
+        conv = [hf_layout.convert(t, lay, runs) if isinstance(t, str) else t for t in targets]
+        new_targets = conv if conv != targets else None
 
     def rename(w: Workspace) -> None:
         if rel.endswith(".safetensors"):
@@ -77,11 +90,14 @@ def fix_hf_key_layout(pi: PlanInput) -> Outcome:
             assert tensors is not None
             w.set_tensors(rel, {mapping.get(k, k): v for k, v in tensors.items()},
                           summary="keys renamed, tensors unchanged")
+        if new_targets is not None:
+            w.edit_json(ACFG, {"target_modules": new_targets})
 
     return Proposal(
         title=f"rename {len(mapping)} key(s) of {rel} into the layout transformers {version} "
               f"runs ('{first}' -> '{mapping[first]}'); the tensors are unchanged bit for bit",
-        safety=FixSafety.safe, files=(rel,), edit=rename)
+        safety=FixSafety.safe, files=(rel, ACFG) if new_targets is not None else (rel,),
+        edit=rename)
 
 
 @planner("LD704")
