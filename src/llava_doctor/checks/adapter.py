@@ -292,6 +292,8 @@ def pattern_eval(ctx: Context) -> Evaluation | None:
     if cfg is not None:
         mods = module_set(ctx)
         names = set(mods.modules) if mods is not None else set()
+        if mods is not None and mods.targeting is not None:
+            names |= set(mods.targeting)  # llava-hf: the loading transformers' names too
         if ctx.adapter is not None:
             names |= set(parse_adapter_keys(ctx.adapter.tensors).modules)
         v = _target_version(ctx)
@@ -309,7 +311,7 @@ def _skip_if_blocked(ev: Evaluation | None, fields: Iterable[str]) -> None:
 
 # --- LD210 ---------------------------------------------------------------------------------
 
-@check("LD210", "pattern-over-budget", Severity.error)
+@check("LD210", "pattern-over-budget", Severity.error, families=BOTH)
 def pattern_over_budget(ctx: Context) -> Iterable[Hit]:
     """A regular expression in `adapter_config.json` runs longer than its time budget.
 
