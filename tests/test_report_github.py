@@ -7,7 +7,7 @@ from pathlib import Path
 
 from llava_doctor.checks.context import Options
 from llava_doctor.doctor import run_checks
-from llava_doctor.models import Finding, Report, Severity, TargetResult
+from llava_doctor.models import Consumer, Finding, Report, Severity, TargetResult
 from llava_doctor.report.github import escape_data, escape_property, render_github
 from llava_doctor.report.locate import json_key_lines
 
@@ -19,18 +19,27 @@ def test_escaping_follows_actions_toolkit() -> None:
 
 def test_annotations_for_real_findings(scenarios: dict[str, Path]) -> None:
     root = scenarios["base-vicuna"].parent
-    report = run_checks([scenarios["LD101-no-config"], scenarios["LD106-name-without-lora"]],
-                        Options(base=scenarios["base-vicuna"]), select=["LD101", "LD106"])
+    targets = [scenarios["LD101-no-config"], scenarios["LD106-name-without-lora"]]
+    report = run_checks(targets, Options(base=scenarios["base-vicuna"]),
+                        select=["LD101", "LD106"])
     lines = render_github(report, root=root).splitlines()
     (f101,) = [f for f in report.findings if f.code == "LD101"]
     (f106,) = [f for f in report.findings if f.code == "LD106"]
     assert lines == [
         "::error file=broken/LD101-no-config/llava-v1.5-tiny-lora/config.json,"
         f"title=LD101 lora-config-missing::{escape_data(f101.message)}",
-        "::warning file=broken/LD106-name-without-lora/llava-v1.5-tiny-finetune,"
+        "::error file=broken/LD106-name-without-lora/llava-v1.5-tiny-finetune,"
         f"title=LD106 loader-name-dispatch::{escape_data(f106.message)}",
-        "llava-doctor: 1 error(s), 1 warning(s), 0 info in 2 target(s)",
+        "llava-doctor: 2 error(s), 0 warning(s), 0 info in 2 target(s) (severities for: "
+        "LLaVA's merge_lora_weights.py (transformers 4.37.2))",
     ]
+    # For llava-doctor's merge the name does not matter: a notice, and the summary says whose.
+    ours = run_checks(targets, Options(base=scenarios["base-vicuna"],
+                                       consumer=Consumer.llava_doctor), select=["LD101", "LD106"])
+    lines = render_github(ours, root=root).splitlines()
+    assert lines[1].startswith("::notice file=broken/LD106-name-without-lora/")
+    assert lines[2] == ("llava-doctor: 1 error(s), 0 warning(s), 1 info in 2 target(s) "
+                        "(severities for: llava-doctor merge)")
 
 
 def test_escaped_properties_and_messages_and_notice_level() -> None:
@@ -41,7 +50,8 @@ def test_escaped_properties_and_messages_and_notice_level() -> None:
     (line, summary) = render_github(report, root=".").splitlines()
     assert line == ("::notice file=runs/a%2Cb%3Ac/adapter_config.json,title=LD999 odd-name::"
                     "line one%0Aline two: 100%25")
-    assert summary == "llava-doctor: 0 error(s), 0 warning(s), 1 info in 1 target(s)"
+    assert summary == ("llava-doctor: 0 error(s), 0 warning(s), 1 info in 1 target(s) "
+                       "(severities for: LLaVA's merge_lora_weights.py (transformers 4.37.2))")
 
 
 def test_line_and_columns_when_the_json_key_is_known(tmp_path: Path) -> None:
@@ -56,5 +66,8 @@ def test_line_and_columns_when_the_json_key_is_known(tmp_path: Path) -> None:
 
 
 def test_a_clean_report_is_one_plain_summary_line() -> None:
-    report = Report(targets=[TargetResult(path="runs/a", kind="lora-output")])
-    assert render_github(report) == "llava-doctor: no issues found in 1 target(s)\n"
+    report = Report(targets=[TargetResult(path="runs/a", kind="lora-output")],
+                    consumer=Consumer.peft)
+    assert render_github(report) == (
+        "llava-doctor: no issues found in 1 target(s) (severities for: peft's merge_and_unload "
+        "(PeftModel on the transformers model class))\n")

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from llava_doctor.models import CheckOutcome, CheckStatus, Finding, Report, Severity, TargetResult
+from llava_doctor.models import (
+    CheckOutcome,
+    CheckStatus,
+    Consumer,
+    Finding,
+    Report,
+    Severity,
+    TargetResult,
+)
 from llava_doctor.report.markdown import render_markdown
 
 
@@ -27,12 +35,22 @@ def test_headline_table_findings_and_checks() -> None:
     md = render_markdown(_report(), root=".")
     lines = md.splitlines()
     assert lines[0] == "## ❌ llava-doctor: 1 error(s), 0 warning(s), 0 info in 2 target(s)"
-    assert "| `runs/a` | lora-output | 0 | 0 | 0 | 1 / 0 / 0 |" in lines
-    assert "| `runs/b` | checkpoint | 1 | 0 | 0 | 0 / 1 / 1 |" in lines
+    assert lines[2] == ("Severities for: LLaVA's merge_lora_weights.py (transformers 4.37.2).")
+    assert "| `runs/a` | lora-output | llava | 0 | 0 | 0 | 1 / 0 / 0 |" in lines
+    assert "| `runs/b` | checkpoint | llava | 1 | 0 | 0 | 0 / 1 / 1 |" in lines
     assert "### `runs/b`" in lines
     assert ("| ❌ | LD101 `lora-config-missing` | `runs/b/config.json` "
             "| runs/b has no config.json | none |") in lines
     assert "  - LD301 `projector-shape` skipped: no projector found" in lines
+
+
+def test_targets_of_different_consumers_say_their_own() -> None:
+    r = _report()
+    mixed = r.model_copy(update={"consumer": None, "targets": [
+        r.targets[0], r.targets[1].model_copy(update={"consumer": Consumer.peft})]})
+    lines = render_markdown(mixed, root=".").splitlines()
+    assert lines[2] == "Severities for: each target's own consumer (llava, peft)."
+    assert "| `runs/b` | checkpoint | peft | 1 | 0 | 0 | 0 / 1 / 1 |" in lines
 
 
 def test_headline_follows_the_gate() -> None:

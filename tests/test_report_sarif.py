@@ -12,7 +12,7 @@ import pytest
 from llava_doctor.checks.base import all_checks
 from llava_doctor.checks.context import Options
 from llava_doctor.doctor import run_checks
-from llava_doctor.models import Finding, Report, Severity, TargetResult
+from llava_doctor.models import Consumer, Finding, Report, Severity, TargetResult
 from llava_doctor.report.locate import json_key_lines
 from llava_doctor.report.sarif import FINGERPRINT_KEY, build_sarif, fingerprint, render_sarif
 
@@ -88,6 +88,22 @@ def test_rules_come_from_the_check_registry_with_what_github_requires(sarif: dic
         assert r["help"]["text"].startswith(spec.doc)
         assert "## Why is this bad?" in r["help"]["markdown"]
         assert r["defaultConfiguration"]["level"] == level[spec.severity.value]
+        assert r["properties"]["severityByConsumer"] == {
+            c.value: spec.severity_for(c).value for c in Consumer}
+
+
+def test_the_run_says_whose_merge_the_levels_are_for(sarif: dict, report: Report,
+                                                     root: Path) -> None:
+    props = sarif["runs"][0]["properties"]
+    assert props["consumer"] == "llava"
+    assert props["severitiesFor"] == "LLaVA's merge_lora_weights.py (transformers 4.37.2)"
+    assert set(props["targetConsumers"].values()) == {"llava"}
+    # Under another consumer the rules' default levels follow it (LD106: info -> note).
+    ours = report.model_copy(update={"consumer": Consumer.llava_doctor})
+    run = build_sarif(ours, root=root)["runs"][0]
+    assert run["properties"]["consumer"] == "llava-doctor"
+    (ld106,) = [r for r in run["tool"]["driver"]["rules"] if r["id"] == "LD106"]
+    assert ld106["defaultConfiguration"]["level"] == "note"
 
 
 def test_results_point_at_files_relative_to_root(sarif: dict, report: Report, root: Path) -> None:
@@ -118,7 +134,7 @@ def test_results_point_at_files_relative_to_root(sarif: dict, report: Report, ro
     assert ld103["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == \
         "broken/LD103-no-adapter-config/llava-v1.5-tiny-lora/adapter_config.json"
     ld106 = by_rule[("LD106", "broken/LD106-name-without-lora/llava-v1.5-tiny-finetune")]
-    assert ld106["level"] == "warning"
+    assert ld106["level"] == "error"  # LLaVA's merge takes the wrong branch
     ld107 = by_rule[("LD107", "broken/LD107-pretrain-dir/llava-v1.5-tiny-pretrain")]
     assert ld107["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == \
         "broken/LD107-pretrain-dir/llava-v1.5-tiny-pretrain"

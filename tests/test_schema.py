@@ -41,8 +41,13 @@ def test_the_command_prints_it(capsys: pytest.CaptureFixture[str]) -> None:
 def test_it_is_a_valid_json_schema_naming_every_field_as_required() -> None:
     schema = report_schema()
     jsonschema.Draft202012Validator.check_schema(schema)
-    assert schema["required"] == ["counts", "env", "findings", "schema_version", "targets",
-                                  "tool", "tool_version"]
+    assert schema["required"] == ["consumer", "counts", "env", "findings", "schema_version",
+                                  "targets", "tool", "tool_version"]
+    assert SCHEMA_VERSION == "1.2"
+    consumer = schema["properties"]["consumer"]
+    assert {"$ref": "#/$defs/Consumer"} in consumer["anyOf"]
+    assert schema["$defs"]["Consumer"]["enum"] == ["llava", "llava-doctor", "peft"]
+    assert "consumer" in schema["$defs"]["TargetResult"]["required"]
     assert schema["$defs"]["Finding"]["required"] == ["code", "evidence", "fix", "message",
                                                       "name", "path", "severity", "target"]
     assert "default" not in schema["properties"]["tool_version"]

@@ -13,7 +13,7 @@ import typer
 
 from llava_doctor import __version__
 from llava_doctor.errors import DoctorError, UsageError
-from llava_doctor.models import Severity
+from llava_doctor.models import Consumer, Severity
 from llava_doctor.report import RENDERERS
 
 BaseOpt = Annotated[Path | None, typer.Option("--base", help="The base model the LoRA was "
@@ -27,6 +27,11 @@ PeftOpt = Annotated[str | None, typer.Option("--peft-version", help="The peft ve
 TransformersOpt = Annotated[str | None, typer.Option(
     "--transformers-version", metavar="V", help="The transformers version that will load the "
     "adapter or the merged model (llava-hf runs; default: installed transformers).")]
+MergeWithOpt = Annotated[Consumer | None, typer.Option(
+    "--merge-with", case_sensitive=False,
+    help="Whose merge the severities are for: llava (LLaVA's merge_lora_weights.py with the "
+         "transformers it pins; the default for original-LLaVA runs), llava-doctor "
+         "(`llava-doctor merge`) or peft (peft's merge_and_unload, with --peft-version).")]
 SelectOpt = Annotated[list[str] | None, typer.Option("--select", help="Only these codes or "
                                                         "prefixes (repeatable).")]
 IgnoreOpt = Annotated[list[str] | None, typer.Option("--ignore", help="Skip these codes or "
@@ -169,6 +174,7 @@ def check(
     projector: ProjectorOpt = None,
     peft_version: PeftOpt = None,
     transformers_version: TransformersOpt = None,
+    merge_with: MergeWithOpt = None,
     fmt: FormatOpt = Format.text,  # type: ignore[attr-defined]  # members come from RENDERERS
     output: OutputOpt = None,
     root: RootOpt = None,
@@ -230,7 +236,8 @@ def check(
                        peft_version=peft_version or cfg.peft_version or _installed_peft(),
                        transformers_version=_transformers_target(transformers_version),
                        fast=fast, scan_base=scan_base, out=out,
-                       to=to if to == "llava-hf" else None, vision_tower=vision_tower)
+                       to=to if to == "llava-hf" else None, vision_tower=vision_tower,
+                       consumer=merge_with)
         progress = (lambda p: _stderr(f"llava-doctor: checking {p}")) if verbose else None
         with _check_progress(fmt.value) as observer:
             report = run_checks(targets, opts, select=sel, ignore=ign,
@@ -299,15 +306,22 @@ def explain(
 
     checks = all_checks()
     if all_codes or code is None:
+        who = "/".join(c.value for c in Consumer)
+        print(f"{'code':<6} {'name':<34} {'severity (' + who + ')':<38} {'fix':<11} summary")
         for spec in checks.values():
-            print(f"{spec.code}  {spec.name:<34} {spec.severity.value:<8} fix:{spec.fix.value:<7}"
-                  f" {spec.summary}")
+            print(f"{spec.code:<6} {spec.name:<34} {spec.severities_text('/'):<38} "
+                  f"fix:{spec.fix.value:<7} {spec.summary}")
         raise typer.Exit(0)
     found = checks.get(code.upper())
     if found is None:
         raise _fail(UsageError(f"unknown code '{code}'",
                                hint="`llava-doctor explain --all` lists the codes"))
-    print(f"# {found.code} {found.name} ({found.severity.value}, fix: {found.fix.value})\n")
+    print(f"# {found.code} {found.name} (fix: {found.fix.value})\n")
+    print("Severity, by whose merge runs (`check --merge-with`; a finding may say otherwise "
+          "where its case differs):")
+    for c in Consumer:
+        print(f"  {c.value:<13} {found.severity_for(c).value:<8} {c.label}")
+    print()
     print(found.doc)
     raise typer.Exit(0)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -9,11 +10,12 @@ from pathlib import Path
 
 from llava_doctor.artifacts.discovery import LORA_KINDS, DirKind, Family
 from llava_doctor.checks.base import TARGET, CheckSpec, Hit, Skip, all_checks, check_fn
-from llava_doctor.checks.context import CheckEvent, Context, Observer, Options
+from llava_doctor.checks.context import CheckEvent, Context, Observer, Options, default_consumer
 from llava_doctor.errors import DoctorError
 from llava_doctor.models import (
     CheckOutcome,
     CheckStatus,
+    Consumer,
     Finding,
     FixSafety,
     Report,
@@ -46,8 +48,9 @@ def selected_checks(select: Iterable[str] | None = None,
     return out
 
 
-def _finding(spec: CheckSpec, hit: Hit, target: Path) -> Finding:
-    return Finding(code=spec.code, name=spec.name, severity=hit.severity or spec.severity,
+def _finding(spec: CheckSpec, hit: Hit, target: Path, consumer: Consumer) -> Finding:
+    severity = hit.severity_for(consumer) or spec.severity_for(consumer)
+    return Finding(code=spec.code, name=spec.name, severity=severity,
                    message=hit.message, path=str(hit.path) if hit.path is not None else str(target),
                    target=str(target), evidence=hit.evidence, fix=hit.fix or spec.fix)
 
@@ -58,12 +61,16 @@ def check_target(path: Path, options: Options, checks: Sequence[CheckSpec],
     """Run `checks` on one target. A crashing check becomes an LD000 finding; the rest run.
 
     ``observer`` receives a `CheckEvent` as each check starts and as values are read.
+    Severities are for `options.consumer`, else for the target's default consumer.
     """
     ctx = Context(path=path, options=options, observer=observer)
     if observer is not None:
         observer(CheckEvent(path, "target"))
     kind = ctx.kind
     family = ctx.family if kind in LORA_KINDS else None
+    if options.consumer is None:
+        ctx.options = dataclasses.replace(options, consumer=default_consumer(family))
+    consumer = ctx.consumer
     outcomes: dict[str, CheckOutcome] = {}
     findings: dict[str, list[Finding]] = {}
     ordered = sorted(checks, key=lambda s: (s.code in REPORTS_READ_ERRORS, s.code))
@@ -116,7 +123,7 @@ def check_target(path: Path, options: Options, checks: Sequence[CheckSpec],
                                                status=CheckStatus.crashed,
                                                reason=f"{type(e).__name__}: {e}")
             continue
-        findings[spec.code] = [_finding(spec, h, path) for h in hits]
+        findings[spec.code] = [_finding(spec, h, path, consumer) for h in hits]
         outcomes[spec.code] = CheckOutcome(
             code=spec.code, name=spec.name,
             status=CheckStatus.failed if hits else CheckStatus.passed)
@@ -126,7 +133,8 @@ def check_target(path: Path, options: Options, checks: Sequence[CheckSpec],
             inputs.append(ResolvedInput(role=role, source=res.source,
                                         path=str(res.path) if res.path is not None else None))
     result = TargetResult(path=str(path), kind=kind.value,
-                          family=family.value if family is not None else None, inputs=inputs,
+                          family=family.value if family is not None else None,
+                          consumer=consumer, inputs=inputs,
                           checks=[outcomes[c] for c in sorted(outcomes)])
     flat = [f for code in sorted(findings) for f in findings[code]]
     return result, flat, ctx
@@ -155,7 +163,12 @@ def run_checks(paths: Sequence[Path | str], options: Options | None = None, *,
             results = list(pool.map(one, paths))
     else:
         results = [one(p) for p in paths]
-    return Report(targets=[r for r, _ in results], findings=[f for _, fs in results for f in fs])
+    targets = [r for r, _ in results]
+    consumers = {t.consumer for t in targets}
+    consumer = options.consumer or (consumers.pop() if len(consumers) == 1 else
+                                    None if consumers else default_consumer())
+    return Report(consumer=consumer, targets=targets,
+                  findings=[f for _, fs in results for f in fs])
 
 
 _GLOB_CHARS = frozenset("*?[")

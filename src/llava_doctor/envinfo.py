@@ -25,6 +25,7 @@ from llava_doctor.errors import UsageError
 from llava_doctor.models import (
     CheckOutcome,
     CheckStatus,
+    Consumer,
     DiskSpace,
     EnvReport,
     Finding,
@@ -228,7 +229,9 @@ def run_env_checks(ctx: EnvContext) -> tuple[list[Finding], list[CheckOutcome]]:
                                      status=CheckStatus.failed if hits else CheckStatus.passed))
         for h in hits:
             target = str(h.evidence.get("run", ENV_TARGET))
-            out.append(Finding(code=code, name=spec.name, severity=h.severity or spec.severity,
+            # Environment checks describe the stack LLaVA's own merge runs in: its severities.
+            sev = h.severity_for(Consumer.llava) or spec.severity_for(Consumer.llava)
+            out.append(Finding(code=code, name=spec.name, severity=sev,
                                message=h.message,
                                path=str(h.path) if h.path is not None else None,
                                target=target, evidence=h.evidence, fix=h.fix or spec.fix))

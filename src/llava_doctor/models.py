@@ -23,6 +23,25 @@ class Severity(str, Enum):
         return {"error": 3, "warning": 2, "info": 1}[self.value]
 
 
+class Consumer(str, Enum):
+    """Whose merge the severities are for: a finding is an error when that merge fails or
+    silently writes a wrong model, a warning when it works but something is likely wrong, info
+    when it is harmless to it."""
+
+    llava = "llava"                 # haotian-liu/LLaVA's builder + merge_lora_weights.py
+    llava_doctor = "llava-doctor"   # `llava-doctor merge`
+    peft = "peft"                   # peft's PeftModel + merge_and_unload on transformers' class
+
+    @property
+    def label(self) -> str:
+        """What the renderers print after "severities for:"."""
+        return {
+            "llava": "LLaVA's merge_lora_weights.py (transformers 4.37.2)",
+            "llava-doctor": "llava-doctor merge",
+            "peft": "peft's merge_and_unload (PeftModel on the transformers model class)",
+        }[self.value]
+
+
 class FixSafety(str, Enum):
     """How a finding can be repaired by `llava-doctor fix` (ruff's applicability ladder)."""
 
@@ -81,6 +100,8 @@ class TargetResult(_Frozen):
     family: str | None = Field(default=None, description="llava (haotian-liu/LLaVA) | llava-hf "
                                "(transformers' Llava*ForConditionalGeneration), from the files; "
                                "None when the target is not a LoRA run")
+    consumer: Consumer = Field(default=Consumer.llava,
+                               description="The merge this target's severities are for")
     inputs: list[ResolvedInput] = Field(default_factory=list)
     checks: list[CheckOutcome] = Field(default_factory=list)
 
@@ -192,6 +213,11 @@ class Report(_Frozen):
     schema_version: str = SCHEMA_VERSION
     tool: str = "llava-doctor"
     tool_version: str = __version__
+    consumer: Consumer | None = Field(
+        default=Consumer.llava,
+        description="The merge the severities are for (`check --merge-with`, else each target's "
+                    "default: llava for original-LLaVA runs); null when targets with different "
+                    "defaults were checked together, and then each target says its own")
     targets: list[TargetResult] = Field(default_factory=list)
     findings: list[Finding] = Field(default_factory=list)
     env: EnvReport | None = Field(default=None, description="The environment section "
@@ -204,6 +230,13 @@ class Report(_Frozen):
         for f in self.findings:
             out[f.severity.value] += 1
         return out
+
+    def consumer_label(self) -> str:
+        """"severities for: ..." text, the same in every renderer."""
+        if self.consumer is not None:
+            return self.consumer.label
+        return "each target's own consumer (" + ", ".join(
+            sorted({t.consumer.value for t in self.targets})) + ")"
 
     def worst(self) -> Severity | None:
         return max((f.severity for f in self.findings), key=lambda s: s.rank, default=None)

@@ -293,3 +293,52 @@ def canonical_param_name(key: str) -> str | None:
 def canonical_non_lora_key(param: str) -> str:
     """The key LLaVA's own `train.py` saves a parameter under in `non_lora_trainables.bin`."""
     return "base_model.model." + param
+
+
+# --- The stack LLaVA pins, and the LLaVA class of each LLM -----------------------------------
+# (appended for per-consumer severities; the functions above stay as they are)
+
+#: Which transformers refuses to save vicuna's generation config, as one text (LD404, the merge's
+#: note, the README): LLaVA #1144 reports it with the version LLaVA pins.
+GENERATION_SAVE_REFUSED = "transformers 4.37.2 (the version LLaVA pins; LLaVA #1144) and later"
+
+#: LLM family -> (LLaVA `model_type`, LLaVA class) as LLaVA / LLaVA-NeXT register them.
+#: haotian-liu/LLaVA has llama, mistral and mpt; LLaVA-NeXT adds mixtral, gemma and qwen.
+LLAVA_CLASSES: dict[str, tuple[str, str]] = {
+    "llama": ("llava_llama", "LlavaLlamaForCausalLM"),
+    "mistral": ("llava_mistral", "LlavaMistralForCausalLM"),
+    "mixtral": ("llava_mixtral", "LlavaMixtralForCausalLM"),
+    "mpt": ("llava_mpt", "LlavaMptForCausalLM"),
+    "gemma": ("llava_gemma", "LlavaGemmaForCausalLM"),
+    "qwen": ("llava_qwen", "LlavaQwenForCausalLM"),
+}
+#: The families only LLaVA-NeXT's code knows (haotian-liu/LLaVA has no class for them).
+NEXT_ONLY = frozenset({"mixtral", "gemma", "qwen"})
+
+# Plain-LLM class name prefixes and model_type spellings -> family. Order matters: "mixtral"
+# before "mistral" is not needed (no substring overlap), "qwen" covers qwen2 / qwen2_moe.
+_FAMILY_WORDS = (("mixtral", "mixtral"), ("mistral", "mistral"), ("mpt", "mpt"),
+                 ("gemma", "gemma"), ("qwen", "qwen"), ("llama", "llama"))
+
+
+def llm_family_of(config: dict[str, object] | None) -> str | None:
+    """The LLM family of a LLaVA (or plain) config, from `model_type` and `architectures`:
+    a key of `LLAVA_CLASSES`, or None when the config names none of them."""
+    if not config:
+        return None
+    names = [str(config.get("model_type") or "")]
+    archs = config.get("architectures")
+    if isinstance(archs, list):
+        names += [str(a) for a in archs]
+    for raw in names:
+        low = raw.lower()
+        if low in ("llava", ""):
+            continue  # LLaVA's pre-v1.6 type and transformers' llava-hf type say nothing
+        for word, family in _FAMILY_WORDS:
+            if word in low:
+                return family
+    # model_type "llava" without architectures: LLaVA before v1.6 wrote it only for its Llama
+    # class (its MPT class was "llava_mpt"). Architectures naming another LLM: no family known.
+    if config.get("model_type") == "llava" and not archs:
+        return "llama"
+    return None

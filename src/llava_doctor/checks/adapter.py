@@ -34,9 +34,11 @@ from llava_doctor.artifacts.peft_match import (
     prepared,
 )
 from llava_doctor.artifacts.tensors import FLOAT_DTYPES
-from llava_doctor.checks.base import BOTH, Hit, Skip, check
+from llava_doctor.checks.base import BOTH, Hit, Skip, by_consumer, check
 from llava_doctor.checks.context import Context
-from llava_doctor.models import FixSafety, Severity
+from llava_doctor.models import Consumer, FixSafety, Severity
+
+ERR, WARN, INFO = Severity.error, Severity.warning, Severity.info
 
 # Module-name segments of the multimodal parts (original LLaVA and llava-hf names).
 _VISION = ("vision_tower", "vision_model")
@@ -382,6 +384,12 @@ def rewritable_alpha(alpha: Any, r: Any) -> bool:
             and math.isfinite(alpha))
 
 
+def _peft_loaders(severity: Severity) -> dict[Consumer, Severity]:
+    """`severity` for the consumers that load adapter_config.json with the target peft (LLaVA's
+    merge and peft's); info for `llava-doctor merge`, which reads it itself."""
+    return by_consumer(llava=severity, llava_doctor=INFO, peft=severity)
+
+
 def exact_plain_alpha(alpha: float, r: int) -> float:
     """A `lora_alpha` whose plain-LoRA scaling `new / r` equals rslora's `alpha / sqrt(r)`, as
     Python (and peft) compute both in floating point."""
@@ -416,7 +424,8 @@ def _rslora_rewrite(raw: dict[str, Any]) -> dict[str, Any] | None:
     return out
 
 
-@check("LD201", "adapter-config-version", Severity.warning, fix=FixSafety.safe, families=BOTH)
+@check("LD201", "adapter-config-version",
+       by_consumer(llava=WARN, llava_doctor=INFO, peft=WARN), fix=FixSafety.safe, families=BOTH)
 def adapter_config_version(ctx: Context) -> Iterable[Hit]:
     """`adapter_config.json` has fields the peft that will load it does not know.
 
@@ -425,8 +434,11 @@ def adapter_config_version(ctx: Context) -> Iterable[Hit]:
     (`--peft-version`, default: the installed peft) using peft's field history, and sorts each
     unknown key: holds its default, holds a value that does not change the maths (e.g.
     `peft_version`), or changes the maths (`use_rslora: true` before 0.8, `use_dora: true` before
-    0.9, `layer_replication` before 0.10, `lora_bias: true` before 0.14, ...). Warning when
-    dropping the unknown keys is exact, error when the adapter would compute something else.
+    0.9, `layer_replication` before 0.10, `lora_bias: true` before 0.14, ...). For LLaVA's merge
+    and peft (both load the file with the target peft): an error when that peft refuses the file
+    (0.6-0.13) or the adapter would compute something else, a warning for keys no peft release
+    knows, info when dropping the unknown keys is exact. Info for `llava-doctor merge`, which
+    reads the config itself and does the maths (LD206 says what it cannot do).
 
     ## Why is this bad?
     LLaVA leaves peft unpinned, so training and merging environments drift. peft <= 0.5
@@ -464,6 +476,7 @@ def adapter_config_version(ctx: Context) -> Iterable[Hit]:
         return
     path = ctx.file("adapter_config.json")
     behaviour, consequence = _loader_behaviour(version, unknown[0])
+    refused = behaviour == "TypeError"  # the target peft does not load the file at all
     since = {k: peft_versions.first_version_of(k) for k in unknown}
     newest = max((s for s in since.values() if s), key=peft_versions.parse_version, default=None)
     evidence: dict[str, Any] = {
@@ -488,20 +501,22 @@ def adapter_config_version(ctx: Context) -> Iterable[Hit]:
                        "scale alpha/sqrt(r) exactly)")
         yield Hit(f"{path} has fields peft {version} does not know ({listing}); {consequence}, "
                   f"and without them the adapter computes something else: {notes}. {remedy}",
-                  path=path, evidence=evidence, severity=Severity.error, fix=fix)
+                  path=path, evidence=evidence, severity=_peft_loaders(ERR), fix=fix)
         return
     if alien:
         yield Hit(f"{path} has fields peft {version} does not know ({listing}); {consequence}. "
                   f"{', '.join(alien)} is unknown to every peft release up to "
                   f"{peft_versions.LATEST_KNOWN}, so whether dropping it changes the maths cannot "
                   f"be told: {upgrade} or check where the key comes from",
-                  path=path, evidence=evidence, fix=FixSafety.none)
+                  path=path, evidence=evidence, fix=FixSafety.none,
+                  severity=_peft_loaders(ERR if refused else WARN))
         return
     what = "all hold their defaults" if not neutral else (
         "they hold defaults or values that do not change the maths (" + ", ".join(neutral) + ")")
     yield Hit(f"{path} has fields peft {version} does not know ({listing}); {consequence}. "
               f"{what}, so dropping them is exact: `llava-doctor fix` removes them (safe), or "
-              f"{upgrade}", path=path, evidence=evidence, fix=FixSafety.safe)
+              f"{upgrade}", path=path, evidence=evidence, fix=FixSafety.safe,
+              severity=_peft_loaders(ERR if refused else INFO))
 
 
 def _needed_peft(ctx: Context) -> Iterable[Hit]:
@@ -1211,7 +1226,8 @@ def _prefix_remap(modules: list[str], mods: ModuleSet) -> tuple[str, str] | None
 
 # --- LD208 ---------------------------------------------------------------------------------
 
-@check("LD208", "quantized-training-config", Severity.warning, fix=FixSafety.safe)
+@check("LD208", "quantized-training-config",
+       by_consumer(llava=ERR, llava_doctor=INFO, peft=INFO), fix=FixSafety.safe)
 def quantized_training_config(ctx: Context) -> Iterable[Hit]:
     """The LoRA dir's `config.json` carries QLoRA's `quantization_config`.
 
@@ -1224,7 +1240,8 @@ def quantized_training_config(ctx: Context) -> Iterable[Hit]:
     fp16 base is quantized while merging: on CPU the merge fails with `RuntimeError:
     "addmm_impl_cpu_" not implemented for 'Half'`, elsewhere the merged weights are the lossy
     4-bit round trip, and the projector load fails with `size mismatch ... torch.Size([2097152,
-    1])`.
+    1])`. An error for LLaVA's merge; info for `llava-doctor merge` (it drops the field and
+    merges in the dtype asked for) and for peft (it never reads this `config.json`).
 
     ## Example
     Output of the legacy `scripts/finetune_qlora.sh`.
@@ -1260,22 +1277,29 @@ def adapter_on_multimodal(ctx: Context) -> Iterable[Hit]:
 
     ## What it does
     Counts adapter keys whose module lies in `vision_tower`/`vision_model`, `vision_resampler`
-    or `mm_projector`/`multi_modal_projector`, and says what each merge path does with them.
+    or `mm_projector`/`multi_modal_projector`, and says what each merge does with them.
 
     ## Why is this bad?
     `find_all_linear_names` returns bare suffixes (`q_proj`...), which peft also matches inside
-    a CLIP tower that was built before `get_peft_model`. At merge time LLaVA's builder
+    a CLIP tower that was built before `get_peft_model`. What LLaVA's merge does depends on
+    `unfreeze_mm_vision_tower` in the LoRA dir's `config.json`: when true (v1.6 configs), the
+    builder loads the tower while building the model, so peft finds the modules, merges the
+    deltas, and the merged checkpoint holds the merged tower (info); when false or absent it
     delay-loads the tower, so peft finds no module for those keys and drops them, and the tower
-    is reloaded unchanged from `mm_vision_tower`. Projector LoRA (pre-2023-10 LLaVA with a
-    linear projector) is applied on top of the projector from `non_lora_trainables.bin`.
+    is reloaded unchanged from `mm_vision_tower` (warning: trained deltas are lost).
+    `llava-doctor merge` merges them into the base's tower tensors when the base holds them
+    (`model.vision_tower.*`, as LLaVA's own merged checkpoints do) and otherwise drops them and
+    says so in its notes. Projector LoRA (pre-2023-10 LLaVA with a linear projector) is applied
+    on top of the projector from `non_lora_trainables.bin`.
 
     ## Example
     A task LoRA whose adapter holds `...vision_tower.vision_tower.vision_model.encoder.layers.0.
     self_attn.q_proj.lora_A.weight`.
 
     ## Fix
-    None: informational. Merge tower deltas into a saved copy of the tower explicitly if they
-    matter, or retrain with the tower excluded (`exclude_modules`).
+    None. When the deltas are dropped and matter: merge onto a base that holds the tower, or
+    set `unfreeze_mm_vision_tower` as in training; or retrain with the tower excluded
+    (`exclude_modules`).
     """
     ad = ctx.adapter
     if ad is None:
@@ -1286,20 +1310,43 @@ def adapter_on_multimodal(ctx: Context) -> Iterable[Hit]:
         if part is not None:
             by_part.setdefault(part, []).extend(mod.keys())
     mods = module_set(ctx)
+    raw = ctx.config.raw() if ctx.config is not None else {}
+    unfreeze = bool(raw.get("unfreeze_mm_vision_tower"))
     for part, keys in sorted(by_part.items()):
+        severity: dict[Consumer, Severity] | None = None
         if part == "projector":
             exists = mods is not None and all(_module_of(k) in mods.modules for k in keys)
             what = ("peft applies them on top of the projector loaded from "
                     "non_lora_trainables.bin, and a merge must do the same"
                     if exists else "no projector module of that name exists at merge time, so "
                     "peft drops them")
+            if not exists:
+                severity = by_consumer(llava=WARN, llava_doctor=WARN, peft=WARN)
+        elif part == "vision tower":
+            in_base = mods is not None and mods.source == "base" and all(
+                _module_of(k) in mods.modules for k in keys)
+            ours = ("`llava-doctor merge` merges them into the base's tower tensors" if in_base
+                    else "`llava-doctor merge` drops them and says so (the base holds no tower "
+                         "weights to merge them into)")
+            if unfreeze:
+                what = ("config.json has unfreeze_mm_vision_tower: true, so LLaVA's builder "
+                        "loads the tower while building the model, peft merges these deltas "
+                        f"and the merged checkpoint holds the merged tower; {ours}")
+            else:
+                what = ("config.json has no unfreeze_mm_vision_tower: true, so LLaVA's builder "
+                        "delay-loads the tower, peft finds no module for these keys and drops "
+                        "them, and the merged model reloads the original tower from "
+                        f"mm_vision_tower without them; {ours}")
+            severity = by_consumer(llava=INFO if unfreeze else WARN,
+                                   llava_doctor=INFO if in_base else WARN, peft=INFO)
         else:
             what = (f"LLaVA's builder delay-loads the {part}, so peft finds no module for them and "
                     f"drops them; the merged model reloads the original {part} from "
                     "mm_vision_tower, without these deltas")
         yield Hit(f"{ad.path}: {len(keys)} adapter key(s) adapt the {part}, e.g. '{keys[0]}': "
-                  f"{what}", path=ad.path,
-                  evidence={"part": part, "keys": keys[:_SHOW], "count": len(keys)})
+                  f"{what}", path=ad.path, severity=severity,
+                  evidence={"part": part, "keys": keys[:_SHOW], "count": len(keys),
+                            "unfreeze_mm_vision_tower": unfreeze})
 
 
 __all__ = ["ModuleInfo", "ModuleSet", "module_set", "exact_plain_alpha", "rewritable_alpha",

@@ -8,17 +8,26 @@ reports it once (info) and the other base checks are skipped with that reason.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from llava_doctor.artifacts.configs import ModelConfig, read_json, tokenizer_length
+from llava_doctor.artifacts.llava import (
+    GENERATION_SAVE_REFUSED,
+    LLAVA_CLASSES,
+    NEXT_ONLY,
+    llm_family_of,
+)
 from llava_doctor.artifacts.model_dir import ModelDir
-from llava_doctor.checks.base import BOTH, Hit, Skip, check
+from llava_doctor.checks.base import BOTH, Hit, Skip, by_consumer, check
 from llava_doctor.checks.context import Context
 from llava_doctor.checks.projector import PROJ, lora_config, non_lora_view
 from llava_doctor.errors import DoctorError
 from llava_doctor.models import FixSafety, Severity
+
+ERR, WARN, INFO = Severity.error, Severity.warning, Severity.info
 
 NO_BASE = "no base model resolved (LD401 says how to pass --base)"
 
@@ -334,7 +343,8 @@ def vocab_mismatch(ctx: Context) -> Iterable[Hit]:
               f"({tok_len} tokens) because {why}, then resize_token_embeddings({final}) grows "
               f"the merged model past the vocab_size {vocab} it was trained with: "
               f"{final - vocab} untrained embedding row(s) and a different vocab_size in the "
-              f"merged config. {remedy}", path=cfg_path, severity=Severity.warning,
+              f"merged config (`llava-doctor merge` and peft add no tokens). {remedy}",
+              path=cfg_path, severity=by_consumer(llava=WARN, llava_doctor=INFO, peft=INFO),
               evidence={"file": str(cfg_path), "field": "mm_use_im_patch_token",
                         "actual": None if patch_default else use_patch,
                         "expected": False if fixable else None, "tokenizer_length": tok_len,
@@ -408,7 +418,7 @@ def _validation_text(problems: list[tuple[str, Any]]) -> str:
             "during validation: [" + ", ".join(warns) + "]")
 
 
-@check("LD404", "generation-config-invalid", Severity.warning)
+@check("LD404", "generation-config-invalid", by_consumer(llava=ERR, llava_doctor=INFO, peft=ERR))
 def generation_config_invalid(ctx: Context) -> Iterable[Hit]:
     """`generation_config.json` sets sampling fields without `do_sample`: saving it raises.
 
@@ -419,11 +429,14 @@ def generation_config_invalid(ctx: Context) -> Iterable[Hit]:
     `eta_cutoff` must keep their defaults; with one beam, the beam-search knobs too.
 
     ## Why is this bad?
-    vicuna v1.5 ships `temperature: 0.9, top_p: 0.6` without `do_sample`. LLaVA's pinned
-    transformers 4.37.2 (and every later version) raises `ValueError: The generation config
-    instance is invalid -- .validate() throws warnings and/or exceptions. Fix these issues to
-    save the configuration.` inside `model.save_pretrained`, after `config.json` is written and
-    before any weights: the merged dir holds only `config.json` (LLaVA #1406).
+    vicuna v1.5 ships `temperature: 0.9, top_p: 0.6` without `do_sample`. With
+    transformers 4.37.2 (the version LLaVA pins; LLaVA #1144) and later, `model.save_pretrained`
+    raises `ValueError: The generation config instance is invalid -- .validate() throws
+    warnings and/or exceptions. Fix these issues to save the configuration.` after `config.json`
+    is written and before any weights: the merged dir holds only `config.json` (LLaVA #1406).
+    An error for LLaVA's merge and for peft's `save_pretrained`; info for `llava-doctor merge`,
+    which writes a valid generation config. The LoRA dir's own file is read by neither LLaVA's
+    merge (it takes the base's) nor peft's: a warning for them.
 
     ## Example
     Any merge onto `lmsys/vicuna-7b-v1.5` with LLaVA's `merge_lora_weights.py`.
@@ -450,13 +463,25 @@ def generation_config_invalid(ctx: Context) -> Iterable[Hit]:
         if not problems:
             continue
         fields = ", ".join(f"{k}={v!r}" for k, v in problems)
-        whose = "the base's" if f.parent != ctx.path else "the LoRA dir's"
+        ours = f.parent == ctx.path
+        whose = "the LoRA dir's" if ours else "the base's"
+        state = "false" if "do_sample" in raw else "unset"
+        if ours:
+            # LLaVA's merge and peft take the generation config from the base.
+            yield Hit(f"{f}: {whose} generation config sets {fields} while do_sample is "
+                      f"{state}. Neither LLaVA's merge nor peft's reads this file (they take the "
+                      "base's), but anything that saves a model loaded from this dir with "
+                      f"{GENERATION_SAVE_REFUSED} fails with `{_validation_text(problems)}`. "
+                      "Set \"do_sample\": true in it", path=f,
+                      severity=by_consumer(llava=WARN, llava_doctor=INFO, peft=WARN),
+                      evidence={"fields": {k: v for k, v in problems},
+                                "do_sample": raw.get("do_sample")})
+            continue
         yield Hit(f"{f}: {whose} generation config sets {fields} while do_sample is "
-                  f"{'false' if 'do_sample' in raw else 'unset'}: LLaVA's merge "
-                  f"(transformers >= 4.37) writes config.json and then fails in save_pretrained "
-                  f"with `{_validation_text(problems)}`, leaving no weights. `llava-doctor "
-                  "merge` writes a valid generation_config.json; with LLaVA's script, set "
-                  "\"do_sample\": true in this file first", path=f,
+                  f"{state}: LLaVA's merge ({GENERATION_SAVE_REFUSED}) writes config.json and "
+                  f"then fails in save_pretrained with `{_validation_text(problems)}`, leaving "
+                  "no weights. `llava-doctor merge` writes a valid generation_config.json; with "
+                  "LLaVA's script, set \"do_sample\": true in this file first", path=f,
                   evidence={"fields": {k: v for k, v in problems},
                             "do_sample": raw.get("do_sample")})
 
@@ -467,7 +492,7 @@ _SLOW_SP = {"LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer",
             "CodeLlamaTokenizerFast"}
 
 
-@check("LD405", "tokenizer-missing", Severity.warning)
+@check("LD405", "tokenizer-missing", by_consumer(llava=ERR, llava_doctor=WARN, peft=WARN))
 def tokenizer_missing(ctx: Context) -> Iterable[Hit]:
     """The base has no tokenizer LLaVA's merge can load (`use_fast=False` needs tokenizer.model).
 
@@ -478,8 +503,10 @@ def tokenizer_missing(ctx: Context) -> Iterable[Hit]:
     sentencepiece file.
 
     ## Why is this bad?
-    The merge fails at its second step with `OSError: Can't load tokenizer for '<base>'` or
-    sentencepiece's `TypeError: not a string`, and the merged dir gets no tokenizer files.
+    LLaVA's merge fails at its second step with `OSError: Can't load tokenizer for '<base>'` or
+    sentencepiece's `TypeError: not a string` (an error for it). `llava-doctor merge` and peft
+    do not load the tokenizer: they complete, and the merged dir gets no tokenizer files
+    (warning).
 
     ## Example
     A base copied with only `*.safetensors` and `config.json`.
@@ -518,7 +545,7 @@ def tokenizer_missing(ctx: Context) -> Iterable[Hit]:
 
 # --- LD406 -------------------------------------------------------------------------------------
 
-@check("LD406", "model-type-collision", Severity.warning, fix=FixSafety.safe)
+@check("LD406", "model-type-collision", Severity.info, fix=FixSafety.safe)
 def model_type_collision(ctx: Context) -> Iterable[Hit]:
     """The LoRA's `config.json` says `model_type: "llava"`, which transformers claims for llava-hf.
 
@@ -531,13 +558,18 @@ def model_type_collision(ctx: Context) -> Iterable[Hit]:
     transformers >= 4.36 maps `"llava"` to its own `LlavaConfig` (llava-hf), so
     `AutoConfig.from_pretrained` returns the wrong class: `AttributeError: 'LlavaConfig' object
     has no attribute 'attention_dropout'` (LLaVA #1075), `KeyError: 'llava'` on older
-    transformers, and LLaVA-NeXT's loader, which calls AutoConfig first, fails the same way.
+    transformers. LLaVA's own loader reads the config with its own class
+    (`LlavaConfig.from_pretrained`, since commit 04fb03d) and its merge writes `llava_llama`,
+    so this is info for every merge; it matters to `AutoConfig` users such as vLLM, LLaVA-NeXT's
+    loader (which calls `AutoConfig` first) and LLaVA code older than 04fb03d.
 
     ## Example
     `liuhaotian/llava-v1.5-7b-lora`'s `config.json`.
 
     ## Fix
-    Safe: `llava-doctor fix` sets `model_type` to `"llava_llama"` (what LLaVA writes today).
+    Safe: `llava-doctor fix` sets `model_type` to the LLaVA type of the run's LLM
+    (`llava_llama`, `llava_mistral`, `llava_mpt`, `llava_qwen`, ...: what LLaVA writes today).
+    None when the config does not say which LLM it is.
     """
     if ctx.config is None:
         raise Skip("no readable config.json in the LoRA dir (LD101/LD501)")
@@ -547,13 +579,27 @@ def model_type_collision(ctx: Context) -> Iterable[Hit]:
     if cfg.hidden_size is None and cfg.num_hidden_layers is None:
         return
     path = ctx.path / "config.json"
+    expected = llava_model_type(cfg.raw())
+    remedy = (f"`llava-doctor fix` sets it to \"{expected}\" (safe)" if expected else
+              "set it to the LLaVA type of this run's LLM (llava_llama, llava_mistral, "
+              "llava_mpt, llava_qwen, ...): config.json does not say which LLM it is, so there "
+              "is no automatic fix")
     yield Hit(f"{path}: model_type is \"llava\" on an original-LLaVA config (Llama fields at the "
               "top level): transformers >= 4.36 resolves \"llava\" to its own llava-hf "
-              "LlavaConfig, so AutoConfig-based loaders fail with `AttributeError: "
-              "'LlavaConfig' object has no attribute 'attention_dropout'`. `llava-doctor fix` "
-              "sets it to \"llava_llama\" (safe)", path=path,
+              "LlavaConfig, so AutoConfig-based loaders (vLLM, LLaVA-NeXT's builder, LLaVA "
+              "before commit 04fb03d) fail with `AttributeError: 'LlavaConfig' object has no "
+              "attribute 'attention_dropout'`. LLaVA's own merge reads it with its own class "
+              f"and is unaffected. {remedy}", path=path,
               evidence={"file": str(path), "field": "model_type", "actual": "llava",
-                        "expected": "llava_llama"})
+                        "expected": expected},
+              fix=FixSafety.safe if expected else FixSafety.none)
+
+
+def llava_model_type(config: dict[str, Any]) -> str | None:
+    """The LLaVA `model_type` for a config's LLM (`llava_llama`, `llava_qwen`, ...), or None
+    when the config names no LLM family LLaVA has a class for."""
+    family = llm_family_of(config)
+    return LLAVA_CLASSES[family][0] if family is not None else None
 
 
 # --- LD407 -------------------------------------------------------------------------------------
@@ -582,7 +628,7 @@ _KIND_TEXT = {"llava": "a LLaVA checkpoint (LlavaLlamaForCausalLM, with a projec
               "llm": "a plain language model (no mm_* fields, no projector)"}
 
 
-@check("LD407", "wrong-base-kind", Severity.warning)
+@check("LD407", "wrong-base-kind", Severity.error)
 def wrong_base_kind(ctx: Context) -> Iterable[Hit]:
     """The base is a plain LLM where the LoRA was trained on a LLaVA checkpoint, or vice versa.
 
@@ -597,7 +643,7 @@ def wrong_base_kind(ctx: Context) -> Iterable[Hit]:
     ## Why is this bad?
     LoRA deltas are relative to the exact weights they were trained on ("The model base should
     be the base you finetuned from", LLaVA #740). The merge completes without an error and the
-    model is degraded, repetitive or nonsensical.
+    model is degraded, repetitive or nonsensical: an error for every merge.
 
     ## Example
     A task LoRA trained from `liuhaotian/llava-v1.5-7b` merged with
@@ -635,3 +681,156 @@ def wrong_base_kind(ctx: Context) -> Iterable[Hit]:
               evidence={"trained_on": trained, "given": given, "recorded_base": recorded,
                         "architectures": arch},
               severity=Severity.error if across else None)
+
+
+# --- LD408 -------------------------------------------------------------------------------------
+
+#: Which loader can merge a run of each non-Llama family, in words (failure-modes.md §0, F11).
+_WHO_MERGES = {
+    "mistral": "LLaVA-NeXT's builder builds LlavaMistralForCausalLM when the model name contains "
+               "'mistral'",
+    "mixtral": "LLaVA-NeXT's builder builds LlavaMixtralForCausalLM when the model name contains "
+               "'mixtral'",
+    "gemma": "LLaVA-NeXT's builder builds LlavaGemmaForCausalLM when the model name contains "
+             "'gemma'",
+    "qwen": "no stock LoRA branch builds LlavaQwenForCausalLM: LLaVA-NeXT's has no 'qwen' case "
+            "either (LLaVA-NeXT #253, PR #277), so it loads the run like haotian-liu's",
+    "mpt": "no stock LoRA branch merges an MPT LoRA (LLaVA #1313)",
+}
+
+
+@check("LD408", "llava-class-unsupported", by_consumer(llava=ERR, llava_doctor=INFO, peft=INFO))
+def llava_class_unsupported(ctx: Context) -> Iterable[Hit]:
+    """The run's LLM is not Llama, but LLaVA's LoRA branch always builds `LlavaLlamaForCausalLM`.
+
+    ## What it does
+    Reads the LLM family of the LoRA dir's `config.json` (`model_type` such as `llava_qwen`,
+    `llava_mistral`, `llava_mixtral`, `llava_gemma`, `llava_mpt`, or `architectures` such as
+    `LlavaQwenForCausalLM` / `Qwen2ForCausalLM`): LLaVA-NeXT runs, onevision included.
+
+    ## Why is this bad?
+    haotian-liu/LLaVA's `load_pretrained_model` builds `LlavaLlamaForCausalLM` in its LoRA
+    branch whatever the LLM, and `merge_lora_weights.py` saves it as `llava_llama`: a Qwen2
+    model loses its q/k/v biases (LD409), a Mixtral its experts, a Gemma its norm and
+    activation, a Mistral its sliding window (LLaVA #1586) - silently, or with size mismatches.
+    An error for that merge. `llava-doctor merge` keeps every base tensor and writes the
+    family's LLaVA class into the merged config (info); peft merges on the class you load (info).
+
+    ## Example
+    A onevision-qwen2 task LoRA (`model_type: "llava_qwen"`) merged with LLaVA's
+    `scripts/merge_lora_weights.py`.
+
+    ## Fix
+    None here: merge with `llava-doctor merge`, or with a loader that builds the run's class
+    (the message says which one can).
+    """
+    if ctx.config is None:
+        raise Skip("no readable config.json in the LoRA dir (LD101/LD501)")
+    raw = ctx.config.raw()
+    if ctx.config.text_config is not None:
+        return  # llava-hf: not LLaVA's loader at all
+    family = llm_family_of(raw)
+    if family is None or family == "llama":
+        return
+    model_type, cls = LLAVA_CLASSES[family]
+    path = ctx.path / "config.json"
+    where = ("a LLaVA-NeXT run (haotian-liu/LLaVA has no class for it)" if family in NEXT_ONLY
+             else "a run of a LLaVA class haotian-liu/LLaVA's LoRA branch never builds")
+    yield Hit(f"{path}: model_type {raw.get('model_type')!r} / architectures "
+              f"{raw.get('architectures')} make this {where}: its LLM is {family}, whose LLaVA "
+              f"class is {cls} ({model_type}). haotian-liu/LLaVA's merge_lora_weights.py builds "
+              "LlavaLlamaForCausalLM in its LoRA branch whatever the LLM and saves it as "
+              f"llava_llama, so the merged model is wrong. {_WHO_MERGES[family]}; "
+              f"`llava-doctor merge` keeps every base tensor and writes {cls}", path=path,
+              evidence={"family": family, "model_type": raw.get("model_type"),
+                        "architectures": raw.get("architectures"), "llava_class": cls})
+
+
+# --- LD409 -------------------------------------------------------------------------------------
+
+_LLAMA_LAYER = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+                "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# Top-level tensors of LlavaLlamaForCausalLM; the multimodal parts have their own checks.
+_LLAMA_TOP = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+_MM_PREFIXES = ("model.mm_projector.", "model.image_newline", "model.vision_tower.",
+                "model.vision_resampler.")
+
+
+def llama_drops(names: Iterable[str], attention_bias: bool) -> tuple[list[str], list[str]]:
+    """(tensors `LlavaLlamaForCausalLM` (transformers 4.37.2) has no parameter for, parameters
+    of its decoder layers the names lack) for a base's tensor names."""
+    layer_params = set(_LLAMA_LAYER)
+    if attention_bias:
+        layer_params |= {f"self_attn.{p}_proj.bias" for p in "qkvo"}
+    dropped: list[str] = []
+    present: dict[str, set[str]] = {}
+    for n in names:
+        m = _LAYER.match(n)
+        if m:
+            present.setdefault(m.group(1), set()).add(m.group(2))
+            if m.group(2) not in layer_params and not m.group(2).endswith("rotary_emb.inv_freq"):
+                dropped.append(n)
+        elif n.startswith("model.") and n not in _LLAMA_TOP and not n.startswith(_MM_PREFIXES):
+            dropped.append(n)
+    missing = [f"model.layers.{i}.{p}" for i in sorted(present, key=int)
+               for p in _LLAMA_LAYER if p not in present[i]]
+    return sorted(dropped), missing
+
+
+@check("LD409", "base-tensors-dropped", by_consumer(llava=ERR, llava_doctor=INFO, peft=INFO))
+def base_tensors_dropped(ctx: Context) -> Iterable[Hit]:
+    """Base tensors that LLaVA's `LlavaLlamaForCausalLM` has no parameter for: dropped silently.
+
+    ## What it does
+    Compares the base's tensor names (headers only) with the parameters of the Llama class
+    LLaVA's LoRA branch builds from the LoRA dir's `config.json` with transformers 4.37.2:
+    per decoder layer `q/k/v/o_proj`, `gate/up/down_proj` and the two norms, with q/k/v/o biases
+    only when the config sets `attention_bias: true`; plus `embed_tokens`, `norm`, `lm_head` and
+    the multimodal parts. Extra tensors are dropped on load; missing ones stay randomly
+    initialised.
+
+    ## Why is this bad?
+    `from_pretrained` drops unexpected checkpoint tensors with only a log line. Qwen2 keeps
+    biases on q/k/v but its config has no `attention_bias` (Qwen2Attention hard-codes them), so
+    a Qwen2/onevision base loaded through `LlavaLlamaForCausalLM` loses every q/k/v bias and the
+    merged model is silently wrong; a Mixtral base loses its experts and keeps random MLPs. An
+    error for LLaVA's merge; info for `llava-doctor merge`, which copies every base tensor, and
+    for peft, which merges on the model's own class.
+
+    ## Example
+    A `lmms-lab/llava-onevision-qwen2-7b-ov` task LoRA merged with LLaVA's script.
+
+    ## Fix
+    None here: merge with `llava-doctor merge` or a loader that builds the LLM's own class
+    (LD408 says which).
+    """
+    _need_base(ctx)
+    if ctx.config is None:
+        raise Skip("no readable config.json in the LoRA dir (LD101)")
+    bc = ctx.base_config
+    if bc is not None and bc.is_llava_hf:
+        raise Skip("a llava-hf base: LLaVA's Llama class does not load it (LD407)")
+    md = ctx.base
+    if md is None:
+        raise Skip("the base's weights are unreadable (LD401 reports it)")
+    raw = ctx.config.raw()
+    dropped, missing = llama_drops(md.tensor_names, bool(raw.get("attention_bias")))
+    if not dropped and not missing:
+        return
+    parts = []
+    if dropped:
+        biases = [n for n in dropped if n.endswith("_proj.bias")]
+        why = (" (the LoRA's config.json has no attention_bias: true, so the Llama class has "
+               "no q/k/v/o biases)" if biases else "")
+        parts.append(f"{len(dropped)} base tensor(s) have no parameter to load into and are "
+                     f"dropped without an error, e.g. '{dropped[0]}'{why}")
+    if missing:
+        parts.append(f"{len(missing)} parameter(s) of its decoder layers are not in the base and "
+                     f"stay randomly initialised, e.g. '{missing[0]}'")
+    yield Hit(f"{ctx.base_path}: LLaVA's LoRA branch loads this base into LlavaLlamaForCausalLM "
+              f"(transformers 4.37.2): {'; '.join(parts)}. The merged model is silently wrong. "
+              "`llava-doctor merge` copies every base tensor", path=ctx.base_path,
+              evidence={"dropped": dropped[:20], "missing": missing[:20],
+                        "count": len(dropped) + len(missing)})

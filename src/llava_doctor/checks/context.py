@@ -17,6 +17,7 @@ from llava_doctor.artifacts import configs
 from llava_doctor.artifacts.configs import AdapterConfig, GenerationConfig, ModelConfig
 from llava_doctor.artifacts.discovery import (
     ADAPTER_WEIGHTS,
+    LORA_KINDS,
     NON_LORA,
     PROJECTOR,
     STATE_DIR,
@@ -30,6 +31,7 @@ from llava_doctor.artifacts.model_dir import ModelDir
 from llava_doctor.artifacts.tensor_stats import TensorStats
 from llava_doctor.artifacts.weights import WeightFile, load_tensors, read_weight_file
 from llava_doctor.errors import DoctorError
+from llava_doctor.models import Consumer
 
 if TYPE_CHECKING:
     import numpy as np
@@ -50,6 +52,22 @@ class Options:
     out: Path | None = None   # merge target, for the preflight checks
     to: str | None = None     # "llava-hf": also check what a conversion would need (LD8xx)
     vision_tower: Path | None = None  # the CLIP dir for --to llava-hf
+    # Whose merge the severities are for (`check --merge-with`); None: `default_consumer` of
+    # each target. Inside a check run it is always resolved (see `Context.consumer`).
+    consumer: Consumer | None = None
+
+
+def default_consumer(kind_or_family: object = None) -> Consumer:
+    """The consumer a target's severities are for when the user names none.
+
+    Every target today is an original-LLaVA run (or a piece of one): its merge is LLaVA's own
+    `merge_lora_weights.py`. A llava-hf family (merged with peft's `merge_and_unload` on
+    transformers' class) maps to `Consumer.peft` here, in this one place.
+    """
+    value = getattr(kind_or_family, "value", kind_or_family)
+    if isinstance(value, str) and value in ("llava-hf", "llava_hf"):
+        return Consumer.peft
+    return Consumer.llava
 
 
 @dataclass(frozen=True)
@@ -96,6 +114,13 @@ class Context:
     @cached_property
     def kind(self) -> DirKind:
         return classify(self.path)
+
+    @property
+    def consumer(self) -> Consumer:
+        """Whose merge this run's severities (and consumer-specific wording) are for."""
+        if self.options.consumer is not None:
+            return self.options.consumer
+        return default_consumer(self.family if self.kind in LORA_KINDS else None)
 
     @cached_property
     def family(self) -> Family:

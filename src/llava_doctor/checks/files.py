@@ -9,10 +9,10 @@ from llava_doctor.artifacts.configs import read_json
 from llava_doctor.artifacts.discovery import PROJECTOR
 from llava_doctor.artifacts.tensor_stats import FP16_MAX
 from llava_doctor.artifacts.tensors import FLOAT_DTYPES
-from llava_doctor.checks.base import BOTH, Hit, Skip, check
+from llava_doctor.checks.base import BOTH, Hit, Skip, by_consumer, check
 from llava_doctor.checks.context import Context
 from llava_doctor.errors import FileCorruptError, LfsPointerError, UnsafePickleError
-from llava_doctor.models import Severity
+from llava_doctor.models import Consumer, Severity
 
 JSON_FILES = ("config.json", "adapter_config.json", "generation_config.json")
 
@@ -34,6 +34,47 @@ def read_everything(ctx: Context) -> None:
                 ctx.file_errors.setdefault(prob.path, prob.error)
 
 
+def unread_by(ctx: Context, path: Path) -> dict[Consumer, str]:
+    """The consumers whose merge never reads (or safely ignores) `path`, each with why.
+
+    From LLaVA's LoRA branch (failure-modes.md §0): it reads the LoRA dir's config.json with its
+    own class and passes it to `from_pretrained(model_base, config=...)`, so the base's
+    config.json is never parsed; the generation config comes from the base; peft opens
+    adapter_model.safetensors before the .bin; the stage-1 projector is not an input of the
+    merge. `llava-doctor merge` reads the base's config.json and generation config itself and
+    the stage-1 projector only when no projector reaches the model otherwise. peft reads the
+    adapter and the base, nothing LLaVA adds.
+    """
+    out: dict[Consumer, str] = {}
+    every = (Consumer.llava, Consumer.llava_doctor, Consumer.peft)
+    lora, base = ctx.path, ctx.base_path
+    stale = [p for p in ctx.adapter_paths if p != ctx.adapter_path]
+    stage1 = ctx.projector_resolved.path
+    if path == lora / "generation_config.json":
+        for c in every:
+            out[c] = "the merge takes the generation config from the base, not the LoRA dir"
+    elif path in stale:
+        used = ctx.adapter_path.name if ctx.adapter_path else "the safetensors adapter"
+        for c in every:
+            out[c] = f"peft (and llava-doctor merge) load {used} and never open the .bin beside it"
+    elif path == lora / PROJECTOR or (stage1 is not None and path == stage1):
+        out[Consumer.llava] = "LLaVA's LoRA branch never reads the stage-1 projector"
+        out[Consumer.peft] = "peft never reads the stage-1 projector"
+        out[Consumer.llava_doctor] = ("`llava-doctor merge` reads it only when no projector "
+                                      "reaches the model otherwise (LD302 says so then)")
+    elif base is not None and path == base / "config.json":
+        out[Consumer.llava] = ("LLaVA's LoRA branch passes the LoRA dir's config.json to "
+                               "from_pretrained(model_base, config=...) and never parses the "
+                               "base's")
+    elif base is not None and path == base / "generation_config.json":
+        out[Consumer.llava] = ("transformers' from_pretrained catches the OSError of an "
+                               "unparseable generation_config.json and builds one from the "
+                               "model config, so LLaVA's merge goes on without it")
+    elif path in (lora / "config.json", ctx.non_lora_path):
+        out[Consumer.peft] = "peft's merge never reads LLaVA's files"
+    return out
+
+
 def _errors(ctx: Context, cls: type) -> list[tuple[Path, object]]:
     read_everything(ctx)
     return sorted(((p, e) for p, e in ctx.file_errors.items() if isinstance(e, cls)),
@@ -53,6 +94,11 @@ def file_corrupt(ctx: Context) -> Iterable[Hit]:
     header` or `PytorchStreamReader failed reading zip archive: failed finding central
     directory`, often after minutes of loading.
 
+    An error for each consumer whose merge reads the file; a warning, saying so, for one that
+    never reads it: LLaVA's LoRA branch never parses the base's `config.json` (it passes the
+    LoRA dir's config to `from_pretrained`), nor the LoRA dir's `generation_config.json`, the
+    stage-1 projector or a stale `adapter_model.bin` beside the safetensors file.
+
     ## Example
     An adapter copied while training was still writing it, or a disk that filled up.
 
@@ -61,8 +107,14 @@ def file_corrupt(ctx: Context) -> Iterable[Hit]:
     """
     for path, err in _errors(ctx, FileCorruptError):
         assert isinstance(err, FileCorruptError)
-        yield Hit(f"{err.one_line()}", path=path,
-                  evidence={"rule": err.rule, **({"tensor": err.tensor} if err.tensor else {})})
+        unread = unread_by(ctx, path)
+        why = unread.get(ctx.consumer)
+        note = (f" It does not stop {ctx.consumer.label}: {why}" if why else "")
+        yield Hit(f"{err.one_line()}{note}", path=path,
+                  severity={c: Severity.warning for c in unread} or None,
+                  evidence={"rule": err.rule, **({"tensor": err.tensor} if err.tensor else {}),
+                            **({"unread_by": {c.value: w for c, w in unread.items()}}
+                               if unread else {})})
 
 
 @check("LD502", "unsafe-pickle", Severity.error, needs_lora=False, families=BOTH)
@@ -88,7 +140,8 @@ def unsafe_pickle(ctx: Context) -> Iterable[Hit]:
         yield Hit(err.one_line(), path=path, evidence={"global": err.global_name})
 
 
-@check("LD503", "dtype-risk", Severity.warning, families=BOTH)
+@check("LD503", "dtype-risk", by_consumer(llava=Severity.error, llava_doctor=Severity.warning,
+                                         peft=Severity.warning), families=BOTH)
 def dtype_risk(ctx: Context) -> Iterable[Hit]:
     """bf16-trained values that do not fit in float16, the dtype LLaVA's merge writes.
 
@@ -103,7 +156,8 @@ def dtype_risk(ctx: Context) -> Iterable[Hit]:
     ## Why is this bad?
     LLaVA's builder hard-codes float16; such values become `inf` and the merged model produces
     `probability tensor contains either inf, nan or element < 0`. A scaling far above the usual
-    `lora_alpha / r` of 0.5-4 does the same to the merged weights.
+    `lora_alpha / r` of 0.5-4 does the same to the merged weights. An error for LLaVA's merge;
+    `llava-doctor merge` and peft merge in the dtype asked for (warning).
 
     ## Example
     A projector trained in bf16 whose bias grew past 65504; `"lora_alpha": 1e9` with `r: 8`.

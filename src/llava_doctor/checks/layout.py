@@ -8,11 +8,12 @@ from pathlib import Path
 
 from llava_doctor.artifacts.discovery import ADAPTER_WEIGHTS, NON_LORA, PROJECTOR, DirKind, classify
 from llava_doctor.artifacts.llava import builder_branch, get_model_name_from_path
-from llava_doctor.checks.base import BOTH, Hit, Skip, check
+from llava_doctor.checks.base import BOTH, Hit, Skip, by_consumer, check
 from llava_doctor.checks.context import Context
 from llava_doctor.models import FixSafety, Severity
 
 _CKPT = re.compile(r"^checkpoint-\d+$")
+ERR, WARN, INFO = Severity.error, Severity.warning, Severity.info
 
 
 def run_dir_of(ctx: Context) -> Path | None:
@@ -216,18 +217,26 @@ def adapter_weights_empty(ctx: Context) -> Iterable[Hit]:
                       path=wf.path, evidence={"empty_tensors": empty[:20], "count": len(empty)})
 
 
-@check("LD106", "loader-name-dispatch", Severity.warning, fix=FixSafety.safe)
+@check("LD106", "loader-name-dispatch",
+       by_consumer(llava=ERR, llava_doctor=INFO, peft=INFO), fix=FixSafety.safe)
 def loader_name_dispatch(ctx: Context) -> Iterable[Hit]:
     """LLaVA's loader would pick the wrong branch from this folder's name.
 
     ## What it does
     Computes `get_model_name_from_path` exactly as LLaVA does (`<parent>_<checkpoint-N>` for
-    checkpoints) and checks that it contains both `llava` and `lora`.
+    checkpoints) and checks that it contains both `llava` and `lora`. The message says what the
+    branch LLaVA takes instead does with this run's base.
 
     ## Why is this bad?
     `load_pretrained_model` dispatches on substrings of the name. Without `llava` it takes the
-    plain-LLM branch and silently writes a text-only model (no projector, no `mm_*` config);
-    without `lora` it looks for `mm_projector.bin` and fails with `FileNotFoundError`.
+    plain-LLM branch: `AutoModelForCausalLM.from_pretrained(model_base)`, then peft merges the
+    LoRA, and this dir's `config.json` and `non_lora_trainables.bin` are never read. On a
+    vicuna base that silently writes a text-only model (no projector, no `mm_*` config); on a
+    base whose `config.json` says `model_type: "llava"` (the released `liuhaotian/llava-v1.5-*`)
+    transformers >= 4.36 raises `ValueError: Unrecognized configuration class ... LlavaConfig
+    ... for this kind of AutoModel: AutoModelForCausalLM`. Without `lora` it takes the
+    projector-only branch and fails with `FileNotFoundError` for `mm_projector.bin`. An error
+    for LLaVA's merge; info for `llava-doctor merge` and peft, which never look at the name.
 
     ## Example
     `--model-path ./checkpoint-200/` gives the name `._checkpoint-200` (LLaVA #1552).
@@ -241,15 +250,45 @@ def loader_name_dispatch(ctx: Context) -> Iterable[Hit]:
     if "llava" in low and "lora" in low:
         return
     branch = builder_branch(name)
-    what = {"plain-llm": "its plain-LLM branch and silently writes a text-only model without the "
-                         "projector",
-            "projector-only": "its projector-only branch and fails with FileNotFoundError for "
-                              "mm_projector.bin"}.get(branch, branch)
+    if branch == "projector-only":
+        what = ("its projector-only branch and fails with FileNotFoundError for "
+                f"{ctx.path / PROJECTOR}")
+    else:
+        what = f"its plain-LLM branch: {plain_llm_outcome(ctx)}"
     lacking = " and ".join(w for w in ("llava", "lora") if w not in low)
-    yield Hit(f"LLaVA computes the model name '{name}' for {ctx.path}, which lacks '{lacking}': "
-              f"merge_lora_weights.py would take {what}. `llava-doctor fix` creates a symlink "
-              "named with both (safe), or use `llava-doctor merge`, which does not guess from "
-              "names", path=ctx.path, evidence={"model_name": name, "branch": branch})
+    ckpt = (f" (for a checkpoint LLaVA joins the parent folder's name: "
+            f"'{ctx.path.parent.name}')" if _CKPT.match(ctx.path.name) else "")
+    yield Hit(f"LLaVA computes the model name '{name}' for {ctx.path}{ckpt}, which lacks "
+              f"'{lacking}': merge_lora_weights.py would take {what}. `llava-doctor fix` creates "
+              "a symlink named with both (safe), or use `llava-doctor merge`, which does not "
+              "guess from names", path=ctx.path, evidence={"model_name": name, "branch": branch})
+
+
+def plain_llm_outcome(ctx: Context) -> str:
+    """What LLaVA's plain-LLM branch (`AutoModelForCausalLM` on the base, then peft) does with
+    this run's base, from the base's config."""
+    head = ("AutoModelForCausalLM.from_pretrained(model_base), then peft merges the LoRA; "
+            f"{NON_LORA} and config.json here are never read")
+    bc = ctx.base_config if ctx.base_resolved.path is not None else None
+    if bc is None:
+        return (f"{head}. On a plain-LLM base that silently writes a text-only model (no "
+                "projector, no mm_* config); on a base whose config.json says model_type "
+                "\"llava\", transformers >= 4.36 raises `ValueError: Unrecognized configuration "
+                "class <class 'transformers.models.llava.configuration_llava.LlavaConfig'> for "
+                "this kind of AutoModel: AutoModelForCausalLM`")
+    base = ctx.base_path
+    if bc.model_type == "llava":
+        return (f"{head}, and the base {base}'s config.json says model_type \"llava\", which "
+                "transformers >= 4.36 maps to its own llava-hf LlavaConfig, so it raises "
+                "`ValueError: Unrecognized configuration class <class "
+                "'transformers.models.llava.configuration_llava.LlavaConfig'> for this kind of "
+                "AutoModel: AutoModelForCausalLM`")
+    if bc.is_llava or bc.mm_vision_tower is not None:
+        return (f"{head}. The base {base} is a LLaVA checkpoint (model_type "
+                f"'{bc.model_type}', registered by LLaVA), so the merge completes and silently "
+                "keeps the base's projector instead of this run's fine-tuned one")
+    return (f"{head}. The base {base} is a plain LLM, so it silently writes a text-only model "
+            "(no projector, no mm_* config)")
 
 
 @check("LD107", "not-a-lora-dir", Severity.error, needs_lora=False, families=BOTH)

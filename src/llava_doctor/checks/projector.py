@@ -30,10 +30,12 @@ from llava_doctor.artifacts.llava import (
 )
 from llava_doctor.artifacts.tensors import TensorInfo
 from llava_doctor.artifacts.weights import WeightFile
-from llava_doctor.checks.base import Hit, Skip, check
+from llava_doctor.checks.base import Hit, Skip, by_consumer, check
 from llava_doctor.checks.context import Context
 from llava_doctor.errors import FileCorruptError, LfsPointerError, UnsafePickleError
-from llava_doctor.models import FixSafety, Severity
+from llava_doctor.models import Consumer, FixSafety, Severity
+
+ERR, WARN, INFO = Severity.error, Severity.warning, Severity.info
 
 #: LLaVA's `ModelArguments.mm_projector_type` default: what a config without the field builds.
 DEFAULT_PROJECTOR_TYPE = "linear"
@@ -323,21 +325,27 @@ def projector_missing(ctx: Context) -> Iterable[Hit]:
     renamed = {k: p for k in nl.dropped
                if (p := canonical_param_name(k)) is not None and p.startswith(PROJ)}
     if renamed:
+        # `llava-doctor merge` normalises those names itself.
         yield Hit(f"{head} The projector is in the file under names LLaVA drops "
-                  f"({_keys(renamed, 3)}): see LD305, whose fix renames them", path=nl.wf.path,
+                  f"({_keys(renamed, 3)}): see LD305, whose fix renames them; `llava-doctor "
+                  "merge` places them under LLaVA's names itself", path=nl.wf.path,
                   evidence={"base": str(base), "dropped_projector_keys": sorted(renamed)},
-                  fix=FixSafety.none)
+                  fix=FixSafety.none, severity={Consumer.llava_doctor: INFO})
         return
     s1 = stage1_projector(ctx) if ctx.projector_resolved.path is not None else None
     s1_type = projector_type_of(s1[1]) if s1 else None
     if s1 is not None and s1_type == declared and _stage1_applies(ctx):
         wf, rel = s1
         inject = {rel[r]: canonical_non_lora_key(PROJ + r) for r in sorted(rel)}
+        # `llava-doctor merge` takes the stage-1 projector in that case: exactly right when the
+        # projector was frozen in training, a guess otherwise.
+        frozen_ok = bool(lora_config(ctx).get("freeze_mm_mlp_adapter"))
         yield Hit(f"{head} `llava-doctor fix --unsafe` injects the stage-1 projector {wf.path} "
                   "under LLaVA's key names (unsafe: it is the projector training started from, "
-                  "not a fine-tuned one)", path=nl.wf.path,
+                  "not a fine-tuned one), and `llava-doctor merge` uses it", path=nl.wf.path,
                   evidence={"base": str(base), "projector": str(wf.path), "inject": inject},
-                  fix=FixSafety.unsafe)
+                  fix=FixSafety.unsafe,
+                  severity={Consumer.llava_doctor: INFO if frozen_ok else WARN})
         return
     why = (f"the stage-1 projector {s1[0].path} is a {s1_type or 'unrecognised'} projector, not "
            f"{declared}" if s1 is not None and s1_type != declared else
@@ -667,9 +675,12 @@ def projector_keys_dropped(ctx: Context) -> Iterable[Hit]:
                                "does not have")
         parts.append("No rename helps for " + "; ".join(reasons) + ".")
     fix = FixSafety.none if not fixable else FixSafety.unsafe if llm else FixSafety.safe
+    # `llava-doctor merge` applies the same renames itself; what no rename places, it refuses.
+    handled = bool(fixable) and not unmappable and not conflicts
     yield Hit(" ".join(parts), path=nl.wf.path,
               evidence={"dropped": dict(sorted(dropped.items())), "mapping": mapping,
-                        "unmappable": unmappable, "conflicts": conflicts}, fix=fix)
+                        "unmappable": unmappable, "conflicts": conflicts}, fix=fix,
+              severity={Consumer.llava_doctor: INFO} if handled else None)
 
 
 # --- LD306 -------------------------------------------------------------------------------------
@@ -686,7 +697,7 @@ def _norm_name(s: str | None) -> str | None:
     return re.sub(r"[._]", "-", base.lower()) or None
 
 
-@check("LD306", "pretrain-projector-invalid", Severity.error)
+@check("LD306", "pretrain-projector-invalid", Severity.warning)
 def pretrain_projector_invalid(ctx: Context) -> Iterable[Hit]:
     """The stage-1 projector file is unreadable, holds no projector, or does not fit this run.
 
@@ -701,7 +712,9 @@ def pretrain_projector_invalid(ctx: Context) -> Iterable[Hit]:
     ## Why is this bad?
     The projector is the input the fixes (LD104, LD302) and the comparison (LD303) rely on; a
     wrong one loads silently (`strict=False` at merge time) or fails training with
-    `Missing key(s) in state_dict: "0.weight", ...`.
+    `Missing key(s) in state_dict: "0.weight", ...`. A warning for every consumer: LLaVA's
+    LoRA branch never reads the stage-1 file, and when `llava-doctor merge` would need it (no
+    projector in `non_lora_trainables.bin` or the base), LD302 is the error.
 
     ## Example
     A `llava-336px-pretrain-vicuna-7b-v1.3` linear projector passed to an `mlp2x_gelu` run.
@@ -778,7 +791,7 @@ def pretrain_projector_invalid(ctx: Context) -> Iterable[Hit]:
         yield Hit(f"{wf.path} ({how}) was trained for another model: {pre_cfg}'s {listing}. "
                   "Same-width projectors load without an error but perform very poorly "
                   "(MODEL_ZOO.md: use the same base LLM and vision encoder); pass the stage-1 "
-                  "projector of this run", path=wf.path, severity=Severity.warning,
+                  "projector of this run", path=wf.path,
                   evidence={"pretrain_config": str(pre_cfg), "differs": diffs})
 
 
@@ -804,7 +817,8 @@ def _whitelisted(tower: str) -> bool:
     return tower.startswith("openai") or tower.startswith("laion") or "ShareGPT4V" in tower
 
 
-@check("LD307", "vision-tower-unresolvable", Severity.warning, fix=FixSafety.unsafe)
+@check("LD307", "vision-tower-unresolvable",
+       by_consumer(llava=ERR, llava_doctor=WARN, peft=INFO), fix=FixSafety.unsafe)
 def vision_tower_unresolvable(ctx: Context) -> Iterable[Hit]:
     """`mm_vision_tower` names a local path that does not exist here, or a name LLaVA rejects.
 
@@ -815,9 +829,11 @@ def vision_tower_unresolvable(ctx: Context) -> Iterable[Hit]:
     containing `ShareGPT4V`. Hub ids are not looked up (no network).
 
     ## Why is this bad?
-    The field records the training machine's `--vision_tower`. The merge (and every later load)
-    fails with `ValueError: Unknown vision tower: /mnt/.../clip-vit-large-patch14-336/` or an
-    `OSError` from `CLIPVisionModel.from_pretrained`.
+    The field records the training machine's `--vision_tower`. LLaVA's merge (and every later
+    load) fails with `ValueError: Unknown vision tower: /mnt/.../clip-vit-large-patch14-336/`
+    or an `OSError` from `CLIPVisionModel.from_pretrained`: an error for that merge.
+    `llava-doctor merge` never loads the tower, so it completes, but the merged config keeps the
+    value (warning); peft never builds the tower from this field (info).
 
     ## Example
     `"mm_vision_tower": "/mnt/share/ckpt/clip-vit-large-patch14-336"` on a laptop.

@@ -11,6 +11,7 @@ import typer
 from llava_doctor.cli import (
     BaseOpt,
     IgnoreOpt,
+    MergeWithOpt,
     PeftOpt,
     ProjectorOpt,
     SelectOpt,
@@ -33,6 +34,7 @@ def fix(
     projector: ProjectorOpt = None,
     peft_version: PeftOpt = None,
     transformers_version: TransformersOpt = None,
+    merge_with: MergeWithOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and a diff of every "
                                           "JSON change; write nothing.")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Apply without asking.")] = False,
@@ -47,7 +49,8 @@ def fix(
 
     Exit 0 when no error finding remains, 1 otherwise, 2 on usage errors (including a refusal
     to apply without --yes when stdin is not a terminal). With --dry-run: 0 when nothing would
-    change and no error is found, else 1.
+    change and no error is found, else 1. Errors are those of the merge that will run
+    (--merge-with, default: LLaVA's own for original-LLaVA runs), as with `check`.
     """
     from llava_doctor.checks.context import Options
     from llava_doctor.doctor import run_checks
@@ -83,7 +86,8 @@ def fix(
                 _progress(f"rolled back the interrupted fix {d}")
         opts = Options(base=base, projector=projector,
                        peft_version=peft_version or _installed_peft(),
-                       transformers_version=_transformers_target(transformers_version))
+                       transformers_version=_transformers_target(transformers_version),
+                       consumer=merge_with)
         report, plan = plan_fixes(lora_dir, opts, select=select, ignore=ignore,
                                   allow_unsafe=unsafe)
         sys.stdout.write(render_plan(plan, diff=dry_run))
@@ -105,7 +109,8 @@ def fix(
             for note in c.notes:
                 sys.stdout.write(f"{c.code}: {note}\n")
         after = run_checks([lora_dir], opts, select=select, ignore=ignore)
-        sys.stdout.write("\nAfter the fix:\n")
+        sys.stdout.write(f"\nAfter the fix (severities for: {after.consumer_label()}; "
+                         "--merge-with chooses another merge):\n")
         sys.stdout.write(render_text(after))
         raise typer.Exit(after.exit_code())
     except DoctorError as e:

@@ -17,12 +17,6 @@ if TYPE_CHECKING:
     from llava_doctor.merge import MergeEvent, MergeResult
 
 
-# Findings about LLaVA's own merge that this merge takes care of (its notes say how): the
-# generation config (LD404), QLoRA's quantization_config (LD208), model_type "llava" (LD406)
-# and the LoRA dir's name (LD106, which only LLaVA's loader reads).
-HANDLED_BY_MERGE = frozenset({"LD106", "LD208", "LD404", "LD406"})
-
-
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
@@ -104,7 +98,9 @@ def render_summary(r: "MergeResult", lora_dir: Path, verb: str = "merged") -> st
     if r.notes:
         lines.append("notes:")
         lines += [f"  - {n}" for n in r.notes]
-    shown = [f for f in r.warnings if f.code not in HANDLED_BY_MERGE]
+    # The checks ran with this merge as the consumer: what it takes care of (the generation
+    # config, QLoRA's config, names, model_type) is info and not among r.warnings.
+    shown = list(r.warnings)
     if shown:
         lines.append("from the checks:")
         lines += [f"  - {f.code} {f.name}: {f.message}" for f in shown]

@@ -12,7 +12,13 @@ from pathlib import Path
 from llava_doctor.artifacts.configs import tokenizer_length
 from llava_doctor.artifacts.discovery import NON_LORA
 from llava_doctor.artifacts.llava import expected_projector, projector_type_of
-from llava_doctor.checks.base_model import IM_END, IM_PATCH, IM_START, known_added_tokens
+from llava_doctor.checks.base_model import (
+    IM_END,
+    IM_PATCH,
+    IM_START,
+    known_added_tokens,
+    llava_model_type,
+)
 from llava_doctor.checks.projector import hub_id_for
 from llava_doctor.fixes.derive import DEFAULT_PROJECTOR_TYPE, PROJ, landed_projector
 from llava_doctor.fixes.jsonedit import DELETE
@@ -117,23 +123,32 @@ def fix_vision_tower(pi: PlanInput) -> Outcome:
 
 @planner("LD406", watches=(CONFIG,))
 def fix_model_type(pi: PlanInput) -> Outcome:
-    """`model_type: "llava"` on an original-LLaVA config -> `"llava_llama"`."""
+    """`model_type: "llava"` on an original-LLaVA config -> the LLaVA type of its LLM
+    (`llava_llama`, `llava_mistral`, `llava_mpt`, `llava_qwen`, ...), or no fix when the config
+    does not say which LLM it is."""
     cfg = pi.ws.json(CONFIG)
     if cfg is None:
         return _no_config(pi)
     if cfg.get("model_type") != "llava":
-        if pi.findings and pi.ws.is_pending(CONFIG) and cfg.get("model_type") == "llava_llama":
-            return AlreadyDone("the planned config.json already has model_type 'llava_llama'")
+        if pi.findings and pi.ws.is_pending(CONFIG) and str(
+                cfg.get("model_type") or "").startswith("llava_"):
+            return AlreadyDone(f"the planned config.json already has model_type "
+                               f"{cfg.get('model_type')!r}")
         return NothingToDo(f"model_type is {cfg.get('model_type')!r}")
     if cfg.get("text_config") is not None:
         return NothingToDo("a llava-hf config, where 'llava' is right")
     if cfg.get("hidden_size") is None and cfg.get("num_hidden_layers") is None:
         return NothingToDo("no Llama fields at the top level")
+    expected = llava_model_type(cfg)
+    if expected is None:
+        return CannotFix(f"config.json's architectures {cfg.get('architectures')} name no LLM "
+                         "LLaVA has a class for; set model_type to the LLaVA type of this run's "
+                         "LLM by hand")
     return Proposal(
-        title=f"set model_type in {CONFIG} from 'llava' to 'llava_llama' (what LLaVA writes "
-              "since v1.6; 'llava' is transformers' llava-hf type)",
+        title=f"set model_type in {CONFIG} from 'llava' to '{expected}' (what LLaVA writes for "
+              "this LLM since v1.6; 'llava' is transformers' llava-hf type)",
         safety=FixSafety.safe, files=(CONFIG,),
-        edit=lambda w: w.edit_json(CONFIG, {"model_type": "llava_llama"}))
+        edit=lambda w: w.edit_json(CONFIG, {"model_type": expected}))
 
 
 @planner("LD403", watches=(CONFIG,))

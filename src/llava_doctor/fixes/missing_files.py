@@ -201,7 +201,10 @@ def _synthesise(pi: PlanInput, dims: AdapterDims, proj: Any, tried: list[str]) -
                              "projector input; copy the run's config.json here")
         cfg["mm_vision_tower"] = tower
         guessed.insert(0, f"mm_vision_tower={tower!r}")
-    cfg["model_type"] = "llava_llama"
+    # The LLaVA type of the base's LLM (llava_qwen for a Qwen2 base...), llava_llama by default.
+    from llava_doctor.checks.base_model import llava_model_type
+
+    cfg["model_type"] = llava_model_type(cfg) or "llava_llama"
     cfg.pop("quantization_config", None)
     recorded = ctx.adapter_config.base_model_name_or_path if ctx.adapter_config else None
     if recorded:

@@ -42,7 +42,7 @@ from llava_doctor.merge.plan import DTYPES, MergeInputs, MergePlan, build_plan, 
 from llava_doctor.merge.stream import Executor, MergeEvent, Observer
 from llava_doctor.merge.verify import SampleChecker, Verification, verify_output
 from llava_doctor.merge.writer import crash_point, write_file, write_json
-from llava_doctor.models import Finding, Report, Severity
+from llava_doctor.models import Consumer, Finding, Report, Severity
 
 __all__ = ["merge", "MergeResult", "MergeEvent", "PreflightRefused", "resolve_device",
            "parse_size", "resolve_inputs", "build_plan", "MergePlan", "cleanup_stale", "DTYPES"]
@@ -318,9 +318,11 @@ def merge(lora_dir: Path | str, base: Path | str | None, out: Path | str, *,
     from llava_doctor.checks.context import Options
     from llava_doctor.doctor import run_checks
 
+    # Severities for this merge: what it handles (the generation config, QLoRA's config, names,
+    # model_type) is info, what it cannot do is an error and refuses the merge.
     report = run_checks([lora_dir], Options(base=base_p, projector=proj_p, out=out, fast=True,
                                             to="llava-hf" if to == "llava-hf" else None,
-                                            vision_tower=vt))
+                                            vision_tower=vt, consumer=Consumer.llava_doctor))
     if to == "llava-hf":
         from llava_doctor.merge.convert import refuse_on_hf_errors
 

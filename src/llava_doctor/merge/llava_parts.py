@@ -22,17 +22,20 @@ from typing import Any
 
 from llava_doctor.artifacts.configs import TOKENIZER_FILES
 from llava_doctor.artifacts.llava import (
+    GENERATION_SAVE_REFUSED,
+    LLAVA_CLASSES,
     LlavaParams,
     builder_rewrite,
     canonical_param_name,
     get_model_name_from_path,
+    llm_family_of,
 )
 
 # Files transformers' tokenizer.save_pretrained may write besides TOKENIZER_FILES.
 EXTRA_TOKENIZER_FILES = ("chat_template.jinja", "chat_template.json")
 # GenerationConfig fields that only matter when sampling, with transformers' defaults: any of
 # them set to something else while do_sample is off makes `GenerationConfig.validate()` complain,
-# and transformers >= 4.38 then refuses to save (F23).
+# and transformers then refuses to save (GENERATION_SAVE_REFUSED, F23).
 SAMPLING_DEFAULTS: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "top_k": 50,
                                      "typical_p": 1.0, "min_p": None, "epsilon_cutoff": 0.0,
                                      "eta_cutoff": 0.0}
@@ -97,10 +100,13 @@ def merged_config(lora_config: dict[str, Any], *, out_dtype: str, base: Path,
                      "merged weights are not quantized)")
     for key in ("load_in_4bit", "load_in_8bit"):
         cfg.pop(key, None)
-    if cfg.get("model_type") != "llava_llama":
-        notes.append(f"config.json: model_type {cfg.get('model_type')!r} -> 'llava_llama'")
-        cfg["model_type"] = "llava_llama"
-    cfg["architectures"] = ["LlavaLlamaForCausalLM"]
+    # The LLaVA class of the run's LLM (LLaVA-NeXT's LlavaQwenForCausalLM for a Qwen2 run...):
+    # LLaVA's own merge always writes the Llama one (LD408).
+    model_type, cls = LLAVA_CLASSES[llm_family_of(cfg) or "llama"]
+    if cfg.get("model_type") != model_type:
+        notes.append(f"config.json: model_type {cfg.get('model_type')!r} -> '{model_type}'")
+        cfg["model_type"] = model_type
+    cfg["architectures"] = [cls]
     cfg["torch_dtype"] = out_dtype
     if "dtype" in cfg:  # transformers 5 writes `dtype`; keep the two in step
         cfg["dtype"] = out_dtype
@@ -115,8 +121,9 @@ def merged_config(lora_config: dict[str, Any], *, out_dtype: str, base: Path,
 def fixed_generation_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     """``cfg`` made valid for transformers' ``save_pretrained``, and a note when changed.
 
-    vicuna v1.5 ships temperature 0.9 / top_p 0.6 without ``do_sample``; transformers >= 4.38
-    refuses to save that (F23). Setting ``do_sample: true`` keeps the authors' sampling values.
+    vicuna v1.5 ships temperature 0.9 / top_p 0.6 without ``do_sample``;
+    `GENERATION_SAVE_REFUSED` says which transformers refuses to save that (F23). Setting
+    ``do_sample: true`` keeps the authors' sampling values.
     """
     if cfg.get("do_sample"):
         return dict(cfg), None
@@ -128,7 +135,7 @@ def fixed_generation_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], str | 
     fixed["do_sample"] = True
     shown = ", ".join(f"{k}={v}" for k, v in odd.items())
     return fixed, (f"generation_config.json: set do_sample=true (the base sets {shown} without "
-                   "it, which transformers >= 4.38 refuses to save)")
+                   f"it, which {GENERATION_SAVE_REFUSED} refuses to save)")
 
 
 def tokenizer_files(base: Path) -> list[Path]:

@@ -39,9 +39,10 @@ def render_github(report: Report, *, root: str | os.PathLike[str] | None = None,
         out.append(f"::{_COMMAND[f.severity]} {','.join(props)}::{escape_data(f.message)}")
     c = report.counts
     n = len(report.targets)
+    who = f" (severities for: {report.consumer_label()})"
     if report.findings:
         out.append(f"llava-doctor: {c['error']} error(s), {c['warning']} warning(s), "
-                   f"{c['info']} info in {n} target(s)")
+                   f"{c['info']} info in {n} target(s){who}")
     else:
-        out.append(f"llava-doctor: no issues found in {n} target(s)")
+        out.append(f"llava-doctor: no issues found in {n} target(s){who}")
     return "\n".join(out) + "\n"

@@ -40,6 +40,8 @@ def render_junit(report: Report, *, root: str | os.PathLike[str] | None = None,
         suite.add_property("kind", target.kind)
         if target.family:
             suite.add_property("family", target.family)
+        # Whose merge the severities (and so the failures) are for.
+        suite.add_property("consumer", target.consumer.value)
         for outcome in target.checks:
             case = TestCase(f"{outcome.code} {outcome.name}", classname=name)
             found = by_check.get((target.path, outcome.code), [])

@@ -37,12 +37,13 @@ def render_markdown(report: Report, *, root: str | os.PathLike[str] | None = Non
                  f"{c['info']} info in {n} target(s)")
     else:
         title = f"{head} llava-doctor: no issues found in {n} target(s)"
-    out = [f"## {title}", ""]
+    out = [f"## {title}", "", f"Severities for: {_cell(report.consumer_label())}.", ""]
     if not report.targets:
         return "\n".join(out) + "\n"
 
-    out += ["| target | kind | errors | warnings | info | checks passed / failed / skipped |",
-            "|---|---|---:|---:|---:|---|"]
+    out += ["| target | kind | severities for | errors | warnings | info "
+            "| checks passed / failed / skipped |",
+            "|---|---|---|---:|---:|---:|---|"]
     for t in report.targets:
         found = [f for f in report.findings if f.target == t.path]
         per = {s: sum(1 for f in found if f.severity == s) for s in Severity}
@@ -50,7 +51,8 @@ def render_markdown(report: Report, *, root: str | os.PathLike[str] | None = Non
         checks = f"{st[CheckStatus.passed]} / {st[CheckStatus.failed]} / {st[CheckStatus.skipped]}"
         if st[CheckStatus.crashed]:
             checks += f" ({st[CheckStatus.crashed]} crashed)"
-        out.append(f"| {_code(display_path(t.path, root))} | {t.kind} | {per[Severity.error]} "
+        out.append(f"| {_code(display_path(t.path, root))} | {t.kind} | {t.consumer.value} "
+                   f"| {per[Severity.error]} "
                    f"| {per[Severity.warning]} | {per[Severity.info]} | {checks} |")
 
     for t in report.targets:

@@ -15,7 +15,7 @@ import os
 from typing import Any
 from urllib.parse import quote
 
-from llava_doctor.models import Finding, Report, Severity
+from llava_doctor.models import Consumer, Finding, Report, Severity
 from llava_doctor.report.locate import Lines, Span, relative_to_root, span_of
 
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
@@ -64,7 +64,7 @@ def fingerprint(f: Finding, root: str | os.PathLike[str] | None = None) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
 
 
-def _rules() -> tuple[list[Any], dict[str, int]]:
+def _rules(consumer: Consumer | None = Consumer.llava) -> tuple[list[Any], dict[str, int]]:
     from sarif_pydantic import Message, ReportingConfiguration, ReportingDescriptor
 
     from llava_doctor.checks.base import all_checks
@@ -73,6 +73,8 @@ def _rules() -> tuple[list[Any], dict[str, int]]:
     index: dict[str, int] = {}
     for i, (code, spec) in enumerate(all_checks().items()):
         what = spec.section("What it does")
+        # The default level is the one for this report's consumer (llava when targets differ).
+        sev = spec.severity_for(consumer or Consumer.llava)
         rules.append(ReportingDescriptor(
             id=code,
             name=spec.name,
@@ -82,9 +84,11 @@ def _rules() -> tuple[list[Any], dict[str, int]]:
             help=Message(text=spec.doc + f"\n\nMore: llava-doctor explain {code}",
                          markdown=f"# {code} {spec.name}\n\n{spec.doc}\n\n"
                                   f"More: `llava-doctor explain {code}`"),
-            default_configuration=ReportingConfiguration(level=_LEVEL[spec.severity]),
-            properties={"problem.severity": _PROBLEM[spec.severity], "fix": spec.fix.value,
-                        "tags": ["llava", "lora"]},
+            default_configuration=ReportingConfiguration(level=_LEVEL[sev]),
+            properties={"problem.severity": _PROBLEM[sev], "fix": spec.fix.value,
+                        "tags": ["llava", "lora"],
+                        "severityByConsumer": {c.value: spec.severity_for(c).value
+                                               for c in Consumer}},
         ))
         index[code] = i
     return rules, index
@@ -106,7 +110,7 @@ def build_sarif(report: Report, *, root: str | os.PathLike[str] | None = None,
         ToolDriver,
     )
 
-    rules, index = _rules()
+    rules, index = _rules(report.consumer)
     results = []
     seen: dict[str, int] = {}
     for f in report.findings:
@@ -137,7 +141,11 @@ def build_sarif(report: Report, *, root: str | os.PathLike[str] | None = None,
                                         semantic_version=report.tool_version, rules=rules)),
             results=results,
             properties={"schemaVersion": report.schema_version,
-                        "targets": [_uri(t.path, root) for t in report.targets]},
+                        "consumer": report.consumer.value if report.consumer else None,
+                        "severitiesFor": report.consumer_label(),
+                        "targets": [_uri(t.path, root) for t in report.targets],
+                        "targetConsumers": {_uri(t.path, root): t.consumer.value
+                                            for t in report.targets}},
         )],
     )
     return log.model_dump(mode="json", by_alias=True, exclude_none=True)

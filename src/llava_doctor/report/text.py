@@ -64,12 +64,13 @@ def _outcomes(checks: list[CheckOutcome], found: list[Finding]) -> str:
 def render_text(report: Report, *, color: bool = False, verbose: bool = False,
                 **_: object) -> str:
     """Plain text (ANSI colours when `color`), grouped by target."""
-    lines: list[str] = []
+    lines: list[str] = [_c(f"severities for: {report.consumer_label()}", "2", color)]
     width = 100
     for target in report.targets:
         found = [f for f in report.findings if f.target == target.path]
         what = f"{target.kind}, {target.family}" if target.family else target.kind
-        lines.append(_c(f"{target.path}", "1", color) + f"  ({what})")
+        mixed = f", severities for {target.consumer.label}" if report.consumer is None else ""
+        lines.append(_c(f"{target.path}", "1", color) + f"  ({what}{mixed})")
         used = [f"{i.role}: {_rel(i.path)} ({_SOURCE.get(i.source, i.source)})"
                 if i.path is not None else
                 f"{i.role}: several *-pretrain/mm_projector.bin beside the run, none used "
