@@ -16,7 +16,7 @@ from llava_doctor.checks.adapter import exact_plain_alpha
 from llava_doctor.checks.context import Options
 from llava_doctor.doctor import run_checks
 from llava_doctor.fixtures import TINY, Dims, build_base, build_lora, build_pretrain
-from llava_doctor.models import FixSafety, Report, Severity
+from llava_doctor.models import Consumer, FixSafety, Report, Severity
 
 ADAPTER = "adapter_model.safetensors"
 ACFG = "adapter_config.json"
@@ -144,11 +144,18 @@ def test_hub_id_base_with_local_copy(art: dict[str, Path]) -> None:
 
 # --- LD201 ------------------------------------------------------------------------------------
 
-def test_ld201_default_fields_unknown_to_old_peft_is_a_safe_warning(art: dict[str, Path]) -> None:
-    # written by peft 0.10: use_dora (false) and layer_replication (null) are new to 0.8
+def test_ld201_default_fields_refused_by_old_peft_are_an_error_with_a_safe_fix(
+        art: dict[str, Path]) -> None:
+    # written by peft 0.10: use_dora (false) and layer_replication (null) are new to 0.8, which
+    # refuses the file: LLaVA's merge (and peft's) stops there
     f = only(run(art["lora"], "LD201", peft_version="0.8.0"), "LD201")
     assert (f.code, Path(f.path)) == ("LD201", art["lora"] / ACFG)
-    assert f.severity == Severity.warning and f.fix == FixSafety.safe
+    assert f.severity == Severity.error and f.fix == FixSafety.safe
+    assert only(run(art["lora"], "LD201", peft_version="0.8.0", consumer=Consumer.peft),
+                "LD201").severity == Severity.error
+    # llava-doctor merge reads adapter_config.json itself: no peft to refuse it
+    assert only(run(art["lora"], "LD201", peft_version="0.8.0", consumer=Consumer.llava_doctor),
+                "LD201").severity == Severity.info
     assert set(f.evidence["unknown"]) == {"use_dora", "layer_replication"}
     assert f.evidence["loader"] == "TypeError"
     assert ("`TypeError: LoraConfig.__init__() got an unexpected keyword argument "
@@ -158,7 +165,7 @@ def test_ld201_default_fields_unknown_to_old_peft_is_a_safe_warning(art: dict[st
 
 def test_ld201_peft_0_5_ignores_silently(art: dict[str, Path]) -> None:
     f = only(run(art["lora"], "LD201", peft_version="0.5.0"), "LD201")
-    assert f.severity == Severity.warning
+    assert f.severity == Severity.info  # every unknown key holds its default: harmless
     assert f.evidence["loader"] == "ignores"
     assert {"rank_pattern", "alpha_pattern", "use_rslora", "use_dora"} <= set(f.evidence["default"])
     assert "ignores keys it does not know without a word" in f.message
@@ -167,7 +174,7 @@ def test_ld201_peft_0_5_ignores_silently(art: dict[str, Path]) -> None:
 def test_ld201_newer_writer_on_peft_0_14_warns_and_peft_version_is_harmless(
         scenarios: dict[str, Path], art: dict[str, Path]) -> None:
     f = only(run(art["patterns"], "LD201", peft_version="0.14.0"), "LD201")
-    assert f.severity == Severity.warning and f.fix == FixSafety.safe
+    assert f.severity == Severity.info and f.fix == FixSafety.safe  # dropped exactly
     assert f.evidence["loader"] == "warns"
     assert f.evidence["no_math_effect"] == ["peft_version"]
     assert "target_parameters" in f.evidence["default"]
@@ -210,9 +217,13 @@ def test_ld201_unrecognised_key_is_a_warning_without_fix(art: dict[str, Path],
                                                          tmp_path: Path) -> None:
     d = copy(art["lora"], tmp_path / "llava-v1.5-tiny-lora")
     edit_json(d / ACFG, my_fork_option=3)
-    f = only(run(d, "LD201", peft_version="0.10.0"), "LD201")
+    # peft 0.14 drops it with a warning: the merge runs, but maybe not the trained maths
+    f = only(run(d, "LD201", peft_version="0.14.0"), "LD201")
     assert f.severity == Severity.warning and f.fix == FixSafety.none
     assert f.evidence["unrecognised"] == ["my_fork_option"]
+    # peft 0.10 refuses the file
+    f = only(run(d, "LD201", peft_version="0.10.0"), "LD201")
+    assert f.severity == Severity.error and f.evidence["loader"] == "TypeError"
 
 
 def test_ld201_negatives(art: dict[str, Path]) -> None:
@@ -495,7 +506,9 @@ def test_ld207_negatives(art: dict[str, Path], scenarios: dict[str, Path]) -> No
 def test_ld208_qlora_config(scenarios: dict[str, Path]) -> None:
     f = only(run(scenarios["lora-qlora"], "LD208"), "LD208")
     assert (f.code, Path(f.path)) == ("LD208", scenarios["lora-qlora"] / "config.json")
-    assert f.severity == Severity.warning and f.fix == FixSafety.safe
+    assert f.severity == Severity.error and f.fix == FixSafety.safe  # LLaVA's merge: 4-bit base
+    assert only(run(scenarios["lora-qlora"], "LD208", consumer=Consumer.llava_doctor),
+                "LD208").severity == Severity.info
     assert "loads the base 4-bit" in f.message
     assert f.evidence["quant_method"] == "bitsandbytes"
 
@@ -533,7 +546,26 @@ def test_ld209_vision_tower_lora(art: dict[str, Path], tmp_path: Path) -> None:
     assert hits(rep, "LD209") == [("LD209", ADAPTER)]
     assert hits(rep, "LD207") == []  # tower keys are LD209's, not an error
     f = only(rep, "LD209")
-    assert "delay-loads the vision tower" in f.message and f.evidence["count"] == 2
+    # no unfreeze_mm_vision_tower: LLaVA delay-loads the tower and drops the trained deltas;
+    # this vicuna base holds no tower either, so llava-doctor merge drops them too
+    assert ("config.json has no unfreeze_mm_vision_tower: true, so LLaVA's builder "
+            "delay-loads the tower, peft finds no module for these keys and drops them") \
+        in f.message
+    assert "`llava-doctor merge` drops them and says so" in f.message
+    assert f.severity == Severity.warning and f.evidence["count"] == 2
+    assert only(run_checks([d], Options(base=art["base"], consumer=Consumer.llava_doctor),
+                           select=["LD209"]), "LD209").severity == Severity.warning
+    assert only(run_checks([d], Options(base=art["base"], consumer=Consumer.peft),
+                           select=["LD209"]), "LD209").severity == Severity.info
+
+    # v1.6 configs unfreeze the tower: LLaVA builds it with the model and peft merges them
+    edit_json(d / "config.json", unfreeze_mm_vision_tower=True)
+    f = only(run_checks([d], Options(base=art["base"]), select=["LD209"]), "LD209")
+    assert ("unfreeze_mm_vision_tower: true, so LLaVA's builder loads the tower while building "
+            "the model, peft merges these deltas and the merged checkpoint holds the merged "
+            "tower") in f.message
+    assert f.severity == Severity.info and f.evidence["unfreeze_mm_vision_tower"] is True
+    assert "delay-loads" not in f.message
 
 
 def test_ld209_negatives(art: dict[str, Path], scenarios: dict[str, Path]) -> None:

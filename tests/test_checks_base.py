@@ -16,7 +16,7 @@ from llava_doctor.checks.base_model import generation_problems
 from llava_doctor.checks.context import Options
 from llava_doctor.doctor import run_checks
 from llava_doctor.fixtures import TINY, Dims, add_checkpoint, build_base, build_lora
-from llava_doctor.models import CheckStatus, FixSafety, Severity
+from llava_doctor.models import CheckStatus, Consumer, FixSafety, Severity
 
 NARROW = Dims(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=4, vocab=128, mm_hidden=32)
 DEEP = Dims(hidden=64, intermediate=128, layers=3, heads=4, kv_heads=4, vocab=128, mm_hidden=32)
@@ -73,7 +73,7 @@ def test_ld401_no_base_is_one_info_and_the_rest_skip(tmp_path: Path, w: dict[str
     assert "(`hf download lmsys/vicuna-tiny-v1.5`)" in msg and "huggingface-cli" not in msg
     skipped = {c.code: c.reason for t in rep.targets for c in t.checks
                if c.status == CheckStatus.skipped}
-    assert set(skipped) == {"LD402", "LD403", "LD404", "LD405", "LD407"}
+    assert set(skipped) == {"LD402", "LD403", "LD404", "LD405", "LD407", "LD409"}
     assert all("LD401" in (r or "") for r in skipped.values())
 
 
@@ -206,6 +206,8 @@ def test_ld403_im_patch_default_true_trap(lora_copy: Path, w: dict[str, Path]) -
     assert f.path == str(lora_copy / "config.json")
     assert f.severity == Severity.warning and f.fix == FixSafety.safe
     assert f.evidence["added"] == ["<im_patch>"] and f.evidence["merged_vocab"] == 129
+    # llava-doctor merge adds no tokens
+    assert one(lora_copy, "LD403", consumer=Consumer.llava_doctor).severity == Severity.info
     assert f.evidence["field"] == "mm_use_im_patch_token" and f.evidence["expected"] is False
     assert "defaults it to True" in f.message and "resize_token_embeddings(129)" in f.message
 
@@ -246,11 +248,40 @@ VICUNA_WARNING = ("UserWarning('`do_sample` is set to `False`. However, `tempera
 def test_ld404_vicuna_generation_config(w: dict[str, Path]) -> None:
     f = one(w["lora"], "LD404", base=w["vicuna-gen"])
     assert f.path == str(w["vicuna-gen"] / "generation_config.json")
-    assert f.severity == Severity.warning and f.fix == FixSafety.none
+    # LLaVA's merge writes config.json and no weights: an error for it (and for peft's
+    # save_pretrained), info for llava-doctor merge, which writes a valid generation config
+    assert f.severity == Severity.error and f.fix == FixSafety.none
     assert f.evidence == {"fields": {"temperature": 0.9, "top_p": 0.6}, "do_sample": None}
     assert VICUNA_WARNING in f.message
     assert "The generation config instance is invalid" in f.message
     assert "llava-doctor merge" in f.message
+    assert one(w["lora"], "LD404", base=w["vicuna-gen"],
+               consumer=Consumer.llava_doctor).severity == Severity.info
+    assert one(w["lora"], "LD404", base=w["vicuna-gen"],
+               consumer=Consumer.peft).severity == Severity.error
+
+
+def test_ld404_names_one_transformers_version_everywhere(w: dict[str, Path]) -> None:
+    """Regression: the message said ">= 4.37", the README and the merge note ">= 4.38"; LLaVA
+    #1144 reports the failure with the 4.37.2 LLaVA pins. One fact, one text."""
+    from llava_doctor.artifacts.llava import GENERATION_SAVE_REFUSED
+    from llava_doctor.checks.base import get_check
+    from llava_doctor.merge.llava_parts import fixed_generation_config
+
+    assert GENERATION_SAVE_REFUSED == ("transformers 4.37.2 (the version LLaVA pins; LLaVA "
+                                       "#1144) and later")
+    f = one(w["lora"], "LD404", base=w["vicuna-gen"])
+    assert f"LLaVA's merge ({GENERATION_SAVE_REFUSED}) writes config.json" in f.message
+    _, note = fixed_generation_config({"temperature": 0.9, "top_p": 0.6})
+    assert note is not None and GENERATION_SAVE_REFUSED in note
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    spec = get_check("LD404")
+    assert spec is not None
+    doc = " ".join(spec.doc.split())
+    assert GENERATION_SAVE_REFUSED in " ".join(readme.split())
+    assert GENERATION_SAVE_REFUSED.replace("and later", "") in doc
+    for text in (f.message, note, readme, doc):
+        assert ">= 4.37" not in text and ">= 4.38" not in text
 
 
 def test_ld404_lora_dir_generation_config(lora_copy: Path, w: dict[str, Path]) -> None:
@@ -258,6 +289,9 @@ def test_ld404_lora_dir_generation_config(lora_copy: Path, w: dict[str, Path]) -
                     lora_copy / "generation_config.json")
     f = one(lora_copy, "LD404")
     assert f.path == str(lora_copy / "generation_config.json") and "LoRA dir's" in f.message
+    # LLaVA's merge takes the base's generation config: this file never stops it
+    assert f.severity == Severity.warning
+    assert "Neither LLaVA's merge nor peft's reads this file (they take the base's)" in f.message
 
 
 def test_ld404_valid_configs(w: dict[str, Path]) -> None:
@@ -288,7 +322,10 @@ def test_ld405_no_tokenizer_files(tmp_path: Path, w: dict[str, Path]) -> None:
     base = build_base(tmp_path / "vicuna-tiny-v1.5", TINY, tokenizer=False,
                       generation_config="valid")
     f = one(w["lora"], "LD405", base=base)
-    assert f.path == str(base / "tokenizer.model") and f.severity == Severity.warning
+    # LLaVA's merge stops at AutoTokenizer; llava-doctor merge completes without a tokenizer
+    assert f.path == str(base / "tokenizer.model") and f.severity == Severity.error
+    assert one(w["lora"], "LD405", base=base,
+               consumer=Consumer.llava_doctor).severity == Severity.warning
     assert "has no tokenizer.model and no tokenizer.json" in f.message
 
 
@@ -322,6 +359,44 @@ def test_ld406_original_llava_config_named_llava(tmp_path: Path, w: dict[str, Pa
     assert f.evidence == {"file": str(run / "config.json"), "field": "model_type",
                           "actual": "llava", "expected": "llava_llama"}
     assert "'LlavaConfig' object has no attribute 'attention_dropout'" in f.message
+    # LLaVA's own loader reads the config with its own class: harmless to every merge
+    assert "(vLLM, LLaVA-NeXT's builder, LLaVA before commit 04fb03d)" in f.message
+    assert "LLaVA's own merge reads it with its own class and is unaffected" in f.message
+    for consumer in Consumer:
+        assert one(run, "LD406", consumer=consumer).severity == Severity.info
+
+
+@pytest.mark.parametrize(("architectures", "expected"), [
+    (["MistralForCausalLM"], "llava_mistral"),
+    (["Qwen2ForCausalLM"], "llava_qwen"),
+    (["MPTForCausalLM"], "llava_mpt"),
+    (["LlavaMistralForCausalLM"], "llava_mistral"),
+])
+def test_ld406_fix_writes_the_llava_type_of_the_runs_llm(
+        tmp_path: Path, w: dict[str, Path], architectures: list[str], expected: str) -> None:
+    """Regression: the safe fix wrote llava_llama whatever the LLM."""
+    from llava_doctor.fixes import plan_fixes
+
+    run = build_lora(tmp_path / "llava-v1.5-tiny-lora", TINY, base=w["vicuna"], model_type="llava",
+                     extra_config={"architectures": architectures})
+    f = one(run, "LD406")
+    assert f.evidence["expected"] == expected and f.fix == FixSafety.safe
+    assert f"sets it to \"{expected}\" (safe)" in f.message
+    _, plan = plan_fixes(run, Options(base=w["vicuna"]), select=["LD406"])
+    (entry,) = [c for c in plan.to_apply if c.code == "LD406"]
+    assert f"to '{expected}'" in entry.title
+
+
+def test_ld406_no_fix_when_the_llm_is_unknown(tmp_path: Path, w: dict[str, Path]) -> None:
+    from llava_doctor.fixes import plan_fixes
+
+    run = build_lora(tmp_path / "llava-v1.5-tiny-lora", TINY, base=w["vicuna"], model_type="llava",
+                     extra_config={"architectures": ["PhiForCausalLM"]})
+    f = one(run, "LD406")
+    assert f.fix == FixSafety.none and f.evidence["expected"] is None
+    assert "there is no automatic fix" in f.message
+    _, plan = plan_fixes(run, Options(base=w["vicuna"]), select=["LD406"])
+    assert not [c for c in plan.to_apply if c.code == "LD406"]
 
 
 def test_ld406_needs_no_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -347,6 +422,10 @@ def test_ld406_negatives(lora_copy: Path, w: dict[str, Path]) -> None:
 def test_ld407_vicuna_lora_on_a_llava_base(w: dict[str, Path]) -> None:
     f = one(w["lora"], "LD407", base=w["llava"])
     assert f.path == str(w["llava"] / "config.json")
+    # every merge completes and writes a degraded model: an error whoever merges
+    assert f.severity == Severity.error
+    assert one(w["lora"], "LD407", base=w["llava"],
+               consumer=Consumer.llava_doctor).severity == Severity.error
     assert f.evidence["trained_on"] == "llm" and f.evidence["given"] == "llava"
     assert str(w["vicuna"]) in f.message and "degraded" in f.message
 

@@ -740,8 +740,9 @@ def llava_class_unsupported(ctx: Context) -> Iterable[Hit]:
               f"{raw.get('architectures')} make this {where}: its LLM is {family}, whose LLaVA "
               f"class is {cls} ({model_type}). haotian-liu/LLaVA's merge_lora_weights.py builds "
               "LlavaLlamaForCausalLM in its LoRA branch whatever the LLM and saves it as "
-              f"llava_llama, so the merged model is wrong. {_WHO_MERGES[family]}; "
-              f"`llava-doctor merge` keeps every base tensor and writes {cls}", path=path,
+              f"llava_llama, so the merged model is wrong. Who can merge it: "
+              f"{_WHO_MERGES[family]}; `llava-doctor merge` keeps every base tensor and writes "
+              f"{cls}", path=path,
               evidence={"family": family, "model_type": raw.get("model_type"),
                         "architectures": raw.get("architectures"), "llava_class": cls})
 
