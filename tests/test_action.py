@@ -123,7 +123,9 @@ def test_the_check_and_gate_scripts_run_as_written(action: dict, scenarios: dict
         "::error file=broken/LD101-no-config/llava-v1.5-tiny-lora/config.json,"
         "title=LD101 lora-config-missing::broken/LD101-no-config/llava-v1.5-tiny-lora has no "
         "config.json")
-    assert annotations[2] == "llava-doctor: 2 error(s), 0 warning(s), 0 info in 2 target(s)"
+    assert annotations[2] == ("llava-doctor: 2 error(s), 0 warning(s), 0 info in 2 target(s) "
+                              "(severities for: LLaVA's merge_lora_weights.py (transformers "
+                              "4.37.2))")
     assert gh_output.read_text().splitlines() == ["exit-code=1", f"sarif-file={sarif}"]
     results = json.loads(sarif.read_text())["runs"][0]["results"]
     assert [r["ruleId"] for r in results] == ["LD103", "LD101"]

@@ -418,3 +418,24 @@ def test_report_consumer_defaults(scenarios: dict[str, Path]) -> None:
     mixed = run_checks([scenarios["lora"]], Options(), select=["LD1"])
     other = mixed.model_copy(update={"consumer": None})
     assert other.consumer_label() == "each target's own consumer (llava)"
+
+
+def test_config_file_names_the_consumer(runs: dict[str, Path], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / ".llava-doctor.toml").write_text('merge-with = "llava-doctor"\n')
+    monkeypatch.chdir(tmp_path)
+    argv = ["check", str(runs["released"]), "--base", str(runs["vicuna"]), "--format", "json"]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0 and json.loads(capsys.readouterr().out)["consumer"] == \
+        "llava-doctor"
+    with pytest.raises(SystemExit) as exc:  # the flag wins over the file
+        main([*argv, "--merge-with", "llava"])
+    assert exc.value.code == 1
+    capsys.readouterr()
+    (tmp_path / ".llava-doctor.toml").write_text('merge-with = "vllm"\n')
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "'merge-with' = 'vllm' is not a consumer" in capsys.readouterr().err

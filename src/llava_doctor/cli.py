@@ -237,7 +237,7 @@ def check(
                        transformers_version=_transformers_target(transformers_version),
                        fast=fast, scan_base=scan_base, out=out,
                        to=to if to == "llava-hf" else None, vision_tower=vision_tower,
-                       consumer=merge_with)
+                       consumer=merge_with or cfg.merge_with)
         progress = (lambda p: _stderr(f"llava-doctor: checking {p}")) if verbose else None
         with _check_progress(fmt.value) as observer:
             report = run_checks(targets, opts, select=sel, ignore=ign,

@@ -37,7 +37,15 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from llava_doctor.errors import UsageError
-from llava_doctor.models import CheckOutcome, CheckStatus, Finding, Report, Severity, TargetResult
+from llava_doctor.models import (
+    CheckOutcome,
+    CheckStatus,
+    Consumer,
+    Finding,
+    Report,
+    Severity,
+    TargetResult,
+)
 from llava_doctor.report.locate import outcome_code
 
 if sys.version_info >= (3, 11):
@@ -50,7 +58,7 @@ PYPROJECT = "pyproject.toml"
 TABLE = "tool.llava-doctor"
 
 KNOWN_KEYS = ("select", "ignore", "severity", "per-path-ignores", "base", "projector",
-              "peft-version")
+              "peft-version", "merge-with")
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,7 @@ class Config:
     base: Path | None = None
     projector: Path | None = None
     peft_version: str | None = None
+    merge_with: Consumer | None = None  # default --merge-with
 
     @property
     def root(self) -> Path:
@@ -278,9 +287,14 @@ def _from_table(table: dict[str, Any], path: Path, prefix: str) -> Config:
     if peft is not None and (not isinstance(peft, str) or not peft):
         raise UsageError(f"'{prefix}peft-version' must be a version string like \"0.10.0\"",
                          path=path)
+    merge_with = table.get("merge-with")
+    if merge_with is not None and merge_with not in {c.value for c in Consumer}:
+        raise UsageError(f"'{prefix}merge-with' = {merge_with!r} is not a consumer", path=path,
+                         hint="use " + ", ".join(f'"{c.value}"' for c in Consumer))
     return Config(path=path, select=select, ignore=ignore, severity=severity,
                   per_path_ignores=ppi, base=a_path("base"), projector=a_path("projector"),
-                  peft_version=peft)
+                  peft_version=peft,
+                  merge_with=Consumer(merge_with) if merge_with is not None else None)
 
 
 def validate_code(code: str, where: str, known: Iterable[str] | None = None,
