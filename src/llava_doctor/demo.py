@@ -23,18 +23,24 @@ def _steps(p: dict[str, Path], root: Path) -> list[Step]:
         return str(p[name].relative_to(root))
 
     base = rel("base-vicuna")
+    projector = str(Path(rel("pretrain")) / "mm_projector.bin")
     return [
-        ("A healthy LoRA run, its vicuna base and its stage-1 projector",
-         ["check", rel("lora"), "--base", base, "--projector",
-          str(Path(rel("pretrain")) / "mm_projector.bin")], 0),
+        ("A healthy LoRA run on its vicuna base: LLaVA's own merge would still write no weights "
+         "(vicuna's generation config, LD404)",
+         ["check", rel("lora"), "--base", base, "--projector", projector], 1),
+        ("...which llava-doctor merge handles: the severities for that merge",
+         ["check", rel("lora"), "--base", base, "--projector", projector,
+          "--merge-with", "llava-doctor"], 0),
         ("A Trainer checkpoint-N: no config.json, no non_lora_trainables.bin",
-         ["check", rel("checkpoint-50"), "--base", base], 1),
+         ["check", rel("checkpoint-50"), "--base", base, "--merge-with", "llava-doctor"], 1),
         ("fix applies the safe repair (config.json from the run's final dir); the unsafe one "
          "waits for --unsafe",
-         ["fix", rel("checkpoint-50"), "--base", base, "--yes"], 1),
+         ["fix", rel("checkpoint-50"), "--base", base, "--yes", "--merge-with", "llava-doctor"],
+         1),
         ("...and with --unsafe the checkpoint gets the final step's projector, backed up and "
          "re-checked",
-         ["fix", rel("checkpoint-50"), "--base", base, "--yes", "--unsafe"], 0),
+         ["fix", rel("checkpoint-50"), "--base", base, "--yes", "--unsafe",
+          "--merge-with", "llava-doctor"], 0),
         ("Only non_lora_trainables.bin was copied: there is no LoRA",
          ["check", rel("LD102-only-non-lora")], 1),
         ("A non_lora_trainables.bin whose pickle calls os.system: flagged, never executed",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -243,7 +244,8 @@ def loader_name_dispatch(ctx: Context) -> Iterable[Hit]:
 
     ## Fix
     Safe: `llava-doctor fix` creates a sibling symlink whose name contains `llava` and `lora`
-    and prints the `merge_lora_weights.py` command that uses it.
+    and prints the `merge_lora_weights.py` command that uses it. Once such a symlink exists the
+    finding is info and names it.
     """
     name = get_model_name_from_path(str(ctx.path))
     low = name.lower()
@@ -258,10 +260,36 @@ def loader_name_dispatch(ctx: Context) -> Iterable[Hit]:
     lacking = " and ".join(w for w in ("llava", "lora") if w not in low)
     ckpt = (f" (for a checkpoint LLaVA joins the parent folder's name: "
             f"'{ctx.path.parent.name}')" if _CKPT.match(ctx.path.name) else "")
+    link = _named_link(ctx.path)
+    if link is not None:
+        # `llava-doctor fix` (or the user) made a sibling symlink LLaVA dispatches correctly.
+        yield Hit(f"LLaVA computes the model name '{name}' for {ctx.path}{ckpt}, which lacks "
+                  f"'{lacking}'; the symlink {link} reaches it under a name LLaVA sends to its "
+                  f"LoRA branch: pass {link} as --model-path to merge_lora_weights.py",
+                  path=ctx.path, severity=Severity.info, fix=FixSafety.none,
+                  evidence={"model_name": name, "branch": branch, "symlink": str(link)})
+        return
     yield Hit(f"LLaVA computes the model name '{name}' for {ctx.path}{ckpt}, which lacks "
               f"'{lacking}': merge_lora_weights.py would take {what}. `llava-doctor fix` creates "
               "a symlink named with both (safe), or use `llava-doctor merge`, which does not "
               "guess from names", path=ctx.path, evidence={"model_name": name, "branch": branch})
+
+
+def _named_link(path: Path) -> Path | None:
+    """A sibling symlink to `path` whose name LLaVA's loader sends to its LoRA branch."""
+    path = Path(os.path.abspath(path))
+    try:
+        real = os.path.realpath(path)
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return None
+    for e in sorted(entries, key=lambda e: e.name):
+        if not e.is_symlink() or os.path.realpath(e.path) != real:
+            continue
+        link_name = get_model_name_from_path(e.path).lower()
+        if builder_branch(link_name) == "lora" and "mpt" not in link_name:
+            return Path(e.path)
+    return None
 
 
 def plain_llm_outcome(ctx: Context) -> str:

@@ -109,8 +109,8 @@ def fix(
             for note in c.notes:
                 sys.stdout.write(f"{c.code}: {note}\n")
         after = run_checks([lora_dir], opts, select=select, ignore=ignore)
-        sys.stdout.write(f"\nAfter the fix (severities for: {after.consumer_label()}; "
-                         "--merge-with chooses another merge):\n")
+        # The report's first line says whose merge its severities are for (--merge-with).
+        sys.stdout.write("\nAfter the fix:\n")
         sys.stdout.write(render_text(after))
         raise typer.Exit(after.exit_code())
     except DoctorError as e:

@@ -89,7 +89,8 @@ def fix_loader_name(pi: PlanInput) -> Outcome:
         if link.is_symlink() and os.path.realpath(link) == os.path.realpath(path):
             return AlreadyDone(f"the symlink {link} -> {path.name} exists; LLaVA's loader takes "
                                "its LoRA branch through it (the directory's own name is "
-                               "unchanged, so check keeps reporting LD106)", notes=(note,))
+                               "unchanged, so check reports LD106 as info naming the link)",
+                               notes=(note,))
         if os.path.lexists(link) or pi.ws.is_pending(link):
             continue
         rel = os.path.relpath(link, path)
