@@ -439,3 +439,16 @@ def test_config_file_names_the_consumer(runs: dict[str, Path], tmp_path: Path,
         main(argv)
     assert exc.value.code == 2
     assert "'merge-with' = 'vllm' is not a consumer" in capsys.readouterr().err
+
+
+def test_ld106_is_info_once_a_correctly_named_symlink_exists(tmp_path: Path,
+                                                             scenarios: dict[str, Path]) -> None:
+    run = Path(shutil.copytree(scenarios["LD106-name-without-lora"],
+                               tmp_path / "llava-v1.5-tiny-finetune"))
+    assert one(run, "LD106", base=scenarios["base-vicuna"]).severity == Severity.error
+    (tmp_path / "llava-v1.5-tiny-finetune-lora").symlink_to(run.name)
+    (tmp_path / "unrelated-lora").symlink_to(run.name)  # no 'llava': LLaVA would still misroute
+    f = one(run, "LD106", base=scenarios["base-vicuna"])
+    assert f.severity == Severity.info and f.fix.value == "none"
+    assert f.evidence["symlink"] == str(tmp_path / "llava-v1.5-tiny-finetune-lora")
+    assert f"pass {tmp_path / 'llava-v1.5-tiny-finetune-lora'} as --model-path" in f.message

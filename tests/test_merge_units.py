@@ -75,8 +75,10 @@ def test_generation_config_fix_keeps_the_sampling_values() -> None:
               "temperature": 0.9, "top_p": 0.6, "transformers_version": "4.31.0"}
     fixed, note = fixed_generation_config(vicuna)
     assert fixed == {**vicuna, "do_sample": True}
+    # one text for the version everywhere (LD404's regression test)
     assert note == ("generation_config.json: set do_sample=true (the base sets temperature=0.9, "
-                    "top_p=0.6 without it, which transformers >= 4.38 refuses to save)")
+                    "top_p=0.6 without it, which transformers 4.37.2 (the version LLaVA pins; "
+                    "LLaVA #1144) and later refuse to save)")
     valid = {"do_sample": False, "max_length": 4096}
     assert fixed_generation_config(valid) == (valid, None)
     assert fixed_generation_config({**vicuna, "do_sample": True})[1] is None

@@ -135,7 +135,7 @@ def fixed_generation_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], str | 
     fixed["do_sample"] = True
     shown = ", ".join(f"{k}={v}" for k, v in odd.items())
     return fixed, (f"generation_config.json: set do_sample=true (the base sets {shown} without "
-                   f"it, which {GENERATION_SAVE_REFUSED} refuses to save)")
+                   f"it, which {GENERATION_SAVE_REFUSED} refuse to save)")
 
 
 def tokenizer_files(base: Path) -> list[Path]:
