@@ -374,10 +374,15 @@ def test_explain_shows_the_severity_per_consumer(capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit):
         main(["explain", "LD404"])
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "# LD404 generation-config-invalid (fix: none)"
-    assert "  llava         error    LLaVA's merge_lora_weights.py (transformers 4.37.2)" in out
-    assert "  llava-doctor  info     llava-doctor merge" in out
-    assert any(line.startswith("  peft          error    peft's merge_and_unload") for line in out)
+    assert out[0] == "# LD404 generation-config-invalid (error/info/error, fix: none)"
+    at = out.index("## Severity")
+    assert out[at + 2:at + 5] == [
+        "- llava: error (LLaVA's merge_lora_weights.py (transformers 4.37.2))",
+        "- llava-doctor: info (llava-doctor merge)",
+        "- peft: error (peft's merge_and_unload (PeftModel on the transformers model class))"]
+    # the registry doc itself says it (SARIF's rule help is the doc)
+    spec = all_checks()["LD404"]
+    assert spec.section("Severity").splitlines()[1] == out[at + 2]
     with pytest.raises(SystemExit):
         main(["explain", "--all"])
     rows = capsys.readouterr().out.splitlines()

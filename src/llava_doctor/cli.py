@@ -316,12 +316,8 @@ def explain(
     if found is None:
         raise _fail(UsageError(f"unknown code '{code}'",
                                hint="`llava-doctor explain --all` lists the codes"))
-    print(f"# {found.code} {found.name} (fix: {found.fix.value})\n")
-    print("Severity, by whose merge runs (`check --merge-with`; a finding may say otherwise "
-          "where its case differs):")
-    for c in Consumer:
-        print(f"  {c.value:<13} {found.severity_for(c).value:<8} {c.label}")
-    print()
+    # The doc ends with its generated `## Severity` section (one line per consumer).
+    print(f"# {found.code} {found.name} ({found.severities_text('/')}, fix: {found.fix.value})\n")
     print(found.doc)
     raise typer.Exit(0)
 

@@ -135,6 +135,7 @@ def check(code: str, name: str, severity: Severities, *, fix: FixSafety = FixSaf
             raise ValueError(f"duplicate check code {code}")
         doc = _dedent(fn.__doc__ or "")
         summary = doc.strip().splitlines()[0] if doc.strip() else name
+        doc = doc.rstrip() + "\n\n" + severity_section(severities)
         REGISTRY[code] = CheckSpec(code=code, name=name, severity=severities[Consumer.llava],
                                    fix=fix, doc=doc, fn=fn, summary=summary,
                                    needs_lora=needs_lora, scope=scope,
@@ -171,6 +172,13 @@ def variant(code: str, family: Family) -> Callable[[CheckFn], CheckFn]:
 def check_fn(spec: CheckSpec, family: Family) -> Callable[..., Iterable[Hit]]:
     """The function that runs ``spec`` on a run of ``family``."""
     return VARIANTS.get((spec.code, family), spec.fn)
+
+
+def severity_section(severities: Mapping[Consumer, Severity]) -> str:
+    """The doc's generated `## Severity` section: the severity for each consumer."""
+    rows = [f"- {c.value}: {severities[c].value} ({c.label})" for c in Consumer]
+    return ("## Severity\nBy whose merge will run (`check --merge-with`; a finding says so "
+            "when its own case differs):\n" + "\n".join(rows))
 
 
 def _dedent(doc: str) -> str:
