@@ -128,6 +128,9 @@ def runs(scenarios: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     out["qlora"] = scenarios["lora-qlora"]
     out["no-lora-name"] = scenarios["LD106-name-without-lora"]
     out["task-on-vicuna"] = scenarios["task-lora"]
+    out["ddp-keys"] = scenarios["lora-ddp-keys"]             # non_lora keys with DDP's module.
+    out["fp16-overflow"] = scenarios["LD503-fp16-overflow"]  # bf16 values past float16's range
+    out["dora-rslora"] = scenarios["lora-dora-rslora"]       # use_dora/use_rslora: peft < 0.14
     qwen = build_base(root / "qwen2-tiny", TINY, llm="qwen2", generation_config="valid")
     out["qwen2"] = qwen
     out["onevision"] = build_lora(root / "llava-onevision-qwen2-tiny-lora", TINY, base=qwen,
@@ -137,9 +140,10 @@ def runs(scenarios: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     return out
 
 
-def _check(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict]:
+def _check(capsys: pytest.CaptureFixture[str], *argv: str, peft: str = "0.21.2"
+           ) -> tuple[int, dict]:
     with pytest.raises(SystemExit) as exc:
-        main(["check", *argv, "--format", "json", "--isolated", "--peft-version", "0.21.2"])
+        main(["check", *argv, "--format", "json", "--isolated", "--peft-version", peft])
     code = exc.value.code
     assert isinstance(code, int)
     return code, json.loads(capsys.readouterr().out)
@@ -149,21 +153,24 @@ def _sev(report: dict) -> dict[str, str]:
     return {f["code"]: f["severity"] for f in report["findings"]}
 
 
-@pytest.mark.parametrize(("name", "base", "llava_errors"), [
-    ("released", "vicuna", {"LD404"}),
-    ("qlora", "vicuna", {"LD208", "LD404"}),
-    ("no-lora-name", "vicuna", {"LD106", "LD404"}),
-    ("onevision", "qwen2", {"LD307", "LD408", "LD409"}),
+@pytest.mark.parametrize(("name", "base", "peft", "llava_errors"), [
+    ("released", "vicuna", "0.21.2", {"LD404"}),
+    ("qlora", "vicuna", "0.21.2", {"LD208", "LD404"}),
+    ("no-lora-name", "vicuna", "0.21.2", {"LD106", "LD404"}),
+    ("onevision", "qwen2", "0.21.2", {"LD307", "LD408", "LD409"}),
+    ("ddp-keys", "valid-vicuna", "0.21.2", {"LD302", "LD305"}),
+    ("fp16-overflow", "valid-vicuna", "0.21.2", {"LD503"}),
+    ("dora-rslora", "valid-vicuna", "0.13.2", {"LD201"}),
 ])
 def test_exit_1_for_llavas_merge_exit_0_where_llava_doctor_merge_handles_it(
         runs: dict[str, Path], capsys: pytest.CaptureFixture[str], name: str, base: str,
-        llava_errors: set[str]) -> None:
+        peft: str, llava_errors: set[str]) -> None:
     target, b = str(runs[name]), str(runs[base])
-    code, rep = _check(capsys, target, "--base", b)
+    code, rep = _check(capsys, target, "--base", b, peft=peft)
     assert code == 1
     assert rep["consumer"] == "llava" and rep["targets"][0]["consumer"] == "llava"
     assert {c for c, s in _sev(rep).items() if s == "error"} == llava_errors
-    code, rep = _check(capsys, target, "--base", b, "--merge-with", "llava-doctor")
+    code, rep = _check(capsys, target, "--base", b, "--merge-with", "llava-doctor", peft=peft)
     assert code == 0, rep["findings"]
     assert rep["consumer"] == "llava-doctor"
     assert not [c for c, s in _sev(rep).items() if s == "error"]
