@@ -464,3 +464,14 @@ def test_ld106_is_info_once_a_correctly_named_symlink_exists(tmp_path: Path,
     assert f.severity == Severity.info and f.fix.value == "none"
     assert f.evidence["symlink"] == str(tmp_path / "llava-v1.5-tiny-finetune-lora")
     assert f"pass {tmp_path / 'llava-v1.5-tiny-finetune-lora'} as --model-path" in f.message
+
+
+def test_config_overrides_keep_each_targets_consumer(runs: dict[str, Path]) -> None:
+    from llava_doctor.config import Config
+
+    rep = run_checks([runs["released"]], Options(base=runs["vicuna"],
+                                                 consumer=Consumer.llava_doctor), select=["LD4"])
+    out = Config(severity={"LD503": Severity.error}).apply(rep)
+    assert out.consumer == Consumer.llava_doctor
+    assert [t.consumer for t in out.targets] == [Consumer.llava_doctor]
+    assert out.targets[0].inputs == rep.targets[0].inputs

@@ -44,7 +44,6 @@ from llava_doctor.models import (
     Finding,
     Report,
     Severity,
-    TargetResult,
 )
 from llava_doctor.report.locate import outcome_code
 
@@ -146,7 +145,8 @@ class Config:
                                      reason=f"findings ignored by per-path-ignores "
                                             f"'{silenced[key]}' in {self.path}")
                 outcomes.append(o)
-            targets.append(TargetResult(path=t.path, kind=t.kind, checks=outcomes))
+            # model_copy keeps the rest of the target (its consumer, the inputs it used)
+            targets.append(t.model_copy(update={"checks": outcomes}))
         return report.model_copy(update={"targets": targets, "findings": kept})
 
 
