@@ -135,6 +135,7 @@ def test_a_healthy_run_is_untouched(base_dir: Path, tmp_path: Path) -> None:
         assert r.blocking == ()
         assert [f for f in r.report.findings if f.severity.value == "error"
                 and f.code not in ("LD101", "LD104")] == []
+        assert r.report.consumer is not None and r.report.consumer.value == "llava-doctor"
         saved = json.loads(r.report_path.read_text())  # type: ignore[union-attr]
         assert saved == json.loads(r.report.model_dump_json())
         # Headers only by default: the value checks were skipped, not run.

@@ -475,3 +475,16 @@ def test_config_overrides_keep_each_targets_consumer(runs: dict[str, Path]) -> N
     assert out.consumer == Consumer.llava_doctor
     assert [t.consumer for t in out.targets] == [Consumer.llava_doctor]
     assert out.targets[0].inputs == rep.targets[0].inputs
+
+
+def test_the_training_callback_gates_on_llava_doctor_merge_unless_told(
+        scenarios: dict[str, Path], tmp_path: Path) -> None:
+    from llava_doctor.integrations.transformers import CheckpointDoctor
+
+    ckpt = Path(shutil.copytree(scenarios["checkpoint-50"], tmp_path / "run" / "checkpoint-50"))
+    base = scenarios["base-vicuna"]
+    ours = CheckpointDoctor(base, report_name=None, log=lambda _: None).check_checkpoint(ckpt)
+    assert ours.report.consumer == Consumer.llava_doctor and ours.blocking == ()
+    llava = CheckpointDoctor(base, report_name=None, log=lambda _: None,
+                             merge_with="llava").check_checkpoint(ckpt)
+    assert [f.code for f in llava.blocking] == ["LD404"]

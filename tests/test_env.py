@@ -392,18 +392,21 @@ def test_check_env_adds_the_section_and_its_errors_fail(
         scenarios: dict[str, Path], site: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
     run = scenarios["lora"]
+    # For llava-doctor's merge the run has no error (vicuna's generation config, LD404, stops
+    # only LLaVA's own merge)
+    ours = ["--merge-with", "llava-doctor"]
     with pytest.raises(SystemExit) as exc:
-        main(["check", str(run), "--isolated", "--fast", "--format", "json"])
+        main(["check", str(run), "--isolated", "--fast", "--format", "json", *ours])
     assert exc.value.code == 0
     assert json.loads(capsys.readouterr().out)["env"] is None
     llava_pkg(site, BROKEN_LLAMA)
     monkeypatch.syspath_prepend(str(site))
     with pytest.raises(SystemExit) as exc:
-        main(["check", str(run), "--isolated", "--fast", "--format", "json", "--env"])
+        main(["check", str(run), "--isolated", "--fast", "--format", "json", "--env", *ours])
     assert exc.value.code == 1
     report = json.loads(capsys.readouterr().out)
     assert not list(jsonschema.Draft202012Validator(report_schema()).iter_errors(report))
-    # The target has no error (LD404, LD602 are a warning and an info) ...
+    # The target has no error (LD404, LD602 are info for llava-doctor merge) ...
     assert [f["code"] for f in report["findings"]] == ["LD404", "LD602"]
     assert [f["code"] for f in report["env"]["findings"]] == ["LD901"]  # ... the env is not
     assert [r["path"] for r in report["env"]["runs"]] == [str(run)]
@@ -449,7 +452,7 @@ def test_select_and_ignore_apply_to_the_environment_checks(
     monkeypatch.syspath_prepend(str(site))
     with pytest.raises(SystemExit) as exc:
         main(["check", str(scenarios["lora"]), "--isolated", "--fast", "--env", "--ignore", "LD901",
-              "--format", "json"])
+              "--format", "json", "--merge-with", "llava-doctor"])
     assert exc.value.code == 0
     assert json.loads(capsys.readouterr().out)["env"]["findings"] == []
 

@@ -61,7 +61,9 @@ class CheckpointDoctor:
     adapter's size. ``expected``: codes reported but never blocking. ``select`` / ``ignore``:
     codes or prefixes, as check's. ``report_name``: None writes no report file. ``log``: where
     the summary line goes (default: the `llava_doctor` logger, WARNING when something is found,
-    else INFO).
+    else INFO). ``merge_with``: whose merge the severities are for, as `check --merge-with`
+    (default "llava-doctor": what only LLaVA's own merge trips over, such as the base's
+    generation config, does not stop a training run; pass "llava" to gate on LLaVA's merge).
     """
 
     def __init__(self, base: str | Path | None = None, projector: str | Path | None = None, *,
@@ -69,7 +71,11 @@ class CheckpointDoctor:
                  expected: Collection[str] = CHECKPOINT_EXPECTED,
                  select: Iterable[str] | None = None, ignore: Iterable[str] | None = None,
                  peft_version: str | None = None, report_name: str | None = REPORT_NAME,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None,
+                 merge_with: str = "llava-doctor") -> None:
+        from llava_doctor.models import Consumer
+
+        self.merge_with = Consumer(merge_with)
         self.base = Path(base) if base is not None else None
         self.projector = Path(projector) if projector is not None else None
         self.values = values
@@ -96,7 +102,7 @@ class CheckpointDoctor:
         if self.peft_version is None:
             self.peft_version = package_status("peft").version
         opts = Options(base=self.base, projector=self.projector, peft_version=self.peft_version,
-                       fast=not self.values)
+                       fast=not self.values, consumer=self.merge_with)
         report = run_checks([path], opts, select=self.select, ignore=self.ignore)
         self._remember_inputs(report)
         blocking = tuple(f for f in report.findings
@@ -172,8 +178,8 @@ def _build_callback() -> type:
 
         Takes `CheckpointDoctor`'s arguments (``base``, ``projector``, ``values``,
         ``stop_on_error``, ``expected``, ``select``, ``ignore``, ``peft_version``,
-        ``report_name``, ``log``); the results are in ``callback.results``. A failure of the
-        check itself is logged and never interrupts the training.
+        ``report_name``, ``log``, ``merge_with``); the results are in ``callback.results``. A
+        failure of the check itself is logged and never interrupts the training.
         """
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
