@@ -15,6 +15,7 @@ import pytest
 from llava_doctor.checks.context import CheckEvent, Options
 from llava_doctor.commands.progress import CheckProgress
 from llava_doctor.doctor import run_checks
+from llava_doctor.models import Consumer
 from llava_doctor.report.text import render_text
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -98,17 +99,20 @@ def _run_on_tty(argv: list[str]) -> tuple[int, str]:
 
 def test_progress_on_a_terminal_and_never_with_json(scenarios: dict[str, Path]) -> None:
     lora = str(scenarios["lora"])
-    code, tty = _run_on_tty(["check", lora, "--isolated"])
+    # severities for llava-doctor's merge: vicuna's generation config (LD404) stops only LLaVA's
+    ours = ["--merge-with", "llava-doctor"]
+    code, tty = _run_on_tty(["check", lora, "--isolated", *ours])
     assert code == 0
     assert "llava-v1.5-tiny-lora:" in tty  # the transient line was drawn (and erased)
-    code, tty = _run_on_tty(["check", lora, "--isolated", "--format", "json"])
+    code, tty = _run_on_tty(["check", lora, "--isolated", "--format", "json", *ours])
     assert code == 0 and tty == ""
 
 
 def test_no_progress_on_a_pipe(scenarios: dict[str, Path]) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", _CHILD, "check", str(scenarios["lora"]),
-                           "--isolated"], capture_output=True, text=True, env=env, timeout=120)
+                           "--isolated", "--merge-with", "llava-doctor"], capture_output=True,
+                          text=True, env=env, timeout=120)
     assert proc.returncode == 0 and proc.stderr == ""
 
 
@@ -127,9 +131,10 @@ def test_summary_does_not_call_an_info_finding_a_failure(scenarios: dict[str, Pa
 
 
 def test_summary_names_each_kind_of_finding(scenarios: dict[str, Path]) -> None:
-    rep = run_checks([scenarios["lora"]], Options())
+    # an untrained adapter (LD204, a warning) on vicuna, for llava-doctor's merge (LD404 info)
+    rep = run_checks([scenarios["lora-untrained"]], Options(consumer=Consumer.llava_doctor))
     sev = {f.code: f.severity.value for f in rep.findings}  # one finding per code here
-    assert sev["LD404"] == "warning" and sev["LD602"] == "info"
+    assert sev["LD204"] == "warning" and sev["LD404"] == "info" and sev["LD602"] == "info"
     assert "error" not in sev.values()
     warned = sum(1 for v in sev.values() if v == "warning")
     noted = sum(1 for v in sev.values() if v == "info")

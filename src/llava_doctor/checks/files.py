@@ -113,8 +113,7 @@ def file_corrupt(ctx: Context) -> Iterable[Hit]:
         yield Hit(f"{err.one_line()}{note}", path=path,
                   severity={c: Severity.warning for c in unread} or None,
                   evidence={"rule": err.rule, **({"tensor": err.tensor} if err.tensor else {}),
-                            **({"unread_by": {c.value: w for c, w in unread.items()}}
-                               if unread else {})})
+                            **({"unread_by": {ctx.consumer.value: why}} if why else {})})
 
 
 @check("LD502", "unsafe-pickle", Severity.error, needs_lora=False, families=BOTH)
