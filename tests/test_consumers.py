@@ -401,8 +401,8 @@ def test_readme_table_has_the_per_consumer_column() -> None:
     from llava_doctor.checks.base import codes_table_markdown
 
     table = codes_table_markdown().splitlines()
-    assert table[0] == ("| code | name | severity for llava / llava-doctor / peft | fix | what it "
-                        "catches |")
+    assert table[0] == ("| code | name | severity for llava / llava-doctor / peft | fix | runs | "
+                        "what it catches |")
     assert any(r.startswith("| LD404 | `generation-config-invalid` | error / info / error |")
                for r in table)
 
@@ -488,3 +488,15 @@ def test_the_training_callback_gates_on_llava_doctor_merge_unless_told(
     llava = CheckpointDoctor(base, report_name=None, log=lambda _: None,
                              merge_with="llava").check_checkpoint(ckpt)
     assert [f.code for f in llava.blocking] == ["LD404"]
+
+
+def test_text_report_of_targets_with_different_consumers(scenarios: dict[str, Path]) -> None:
+    from llava_doctor.report.text import render_text
+
+    rep = run_checks([scenarios["lora"], scenarios["task-lora"]], Options(), select=["LD1"])
+    mixed = rep.model_copy(update={"consumer": None, "targets": [
+        rep.targets[0], rep.targets[1].model_copy(update={"consumer": Consumer.peft})]})
+    lines = render_text(mixed).splitlines()
+    assert lines[0] == "severities for: each target's own consumer (llava, peft)"
+    at = next(i for i, ln in enumerate(lines) if ln.startswith(str(scenarios["task-lora"])))
+    assert lines[at + 1].startswith("  severities for: peft's merge_and_unload")

@@ -69,8 +69,9 @@ def render_text(report: Report, *, color: bool = False, verbose: bool = False,
     for target in report.targets:
         found = [f for f in report.findings if f.target == target.path]
         what = f"{target.kind}, {target.family}" if target.family else target.kind
-        mixed = f", severities for {target.consumer.label}" if report.consumer is None else ""
-        lines.append(_c(f"{target.path}", "1", color) + f"  ({what}{mixed})")
+        lines.append(_c(f"{target.path}", "1", color) + f"  ({what})")
+        if report.consumer is None:  # targets of different consumers: each says its own
+            lines.append("  " + _c(f"severities for: {target.consumer.label}", "2", color))
         used = [f"{i.role}: {_rel(i.path)} ({_SOURCE.get(i.source, i.source)})"
                 if i.path is not None else
                 f"{i.role}: several *-pretrain/mm_projector.bin beside the run, none used "
