@@ -50,6 +50,24 @@ def test_check_options_and_a_single_path(scenarios: dict[str, Path]) -> None:
         llava_doctor.check(run / "nope")
 
 
+def test_check_takes_the_merge_stack_and_consumer_as_the_cli_does(
+        scenarios: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """merge_with / transformers_version are --merge-with / --transformers-version: a run whose
+    vicuna generation config breaks LLaVA's save fails for LLaVA's merge, not for ours."""
+    run, base = scenarios["lora"], scenarios["base-vicuna"]
+    for consumer, rc in (("llava", 1), ("llava-doctor", 0)):
+        report = llava_doctor.check(run, base=base, fast=True, merge_with=consumer,
+                                    transformers_version="4.37.2", select=["LD404"])
+        assert [t.consumer.value for t in report.targets] == [consumer]  # type: ignore[union-attr]
+        assert [f.code for f in report.findings] == ["LD404"]
+        assert report.exit_code() == rc
+        with pytest.raises(SystemExit):
+            main(["check", str(run), "--base", str(base), "--fast", "--format", "json",
+                  "--isolated", "--select", "LD404", "--merge-with", consumer,
+                  "--transformers-version", "4.37.2"])
+        assert json.loads(capsys.readouterr().out) == json.loads(report.model_dump_json())
+
+
 def test_env_returns_the_env_report(scenarios: dict[str, Path]) -> None:
     env = llava_doctor.env(scenarios["lora"], gpu="none", peft_version="0.5.0")
     assert isinstance(env, EnvReport)

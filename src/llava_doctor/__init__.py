@@ -36,6 +36,7 @@ PathLike = str | Path
 
 def check(path: PathLike | Sequence[PathLike], base: PathLike | None = None,
           projector: PathLike | None = None, *, peft_version: str | None = None,
+          transformers_version: str | None = None, merge_with: str | None = None,
           fast: bool = False, scan_base: bool = False, out: PathLike | None = None,
           select: Iterable[str] | None = None, ignore: Iterable[str] | None = None,
           env: bool = False, to: str | None = None, vision_tower: PathLike | None = None,
@@ -44,8 +45,11 @@ def check(path: PathLike | Sequence[PathLike], base: PathLike | None = None,
 
     ``path``: one directory or a list (globs expanded, a file stands for its directory).
     ``base`` / ``projector``: as ``--base`` / ``--projector`` (default: found as the CLI finds
-    them). ``peft_version``: the peft that will load the adapter (default: the installed one,
-    from metadata). ``fast``: headers only. ``out``: the planned merge output (disk-space
+    them). ``peft_version`` / ``transformers_version``: the stack that will run the merge
+    (default: the installed ones, from metadata). ``merge_with``: whose merge the severities are
+    for, ``"llava"``, ``"llava-doctor"`` or ``"peft"`` (default: LLaVA's own merge for
+    original-LLaVA runs, peft's for llava-hf runs), as ``--merge-with``.
+    ``fast``: headers only. ``out``: the planned merge output (disk-space
     preflight). ``select`` / ``ignore``: codes or prefixes. ``env``: add the environment section
     (``Report.env``). ``to="llava-hf"`` / ``vision_tower``: as ``--to`` / ``--vision-tower``
     (what a conversion to llava-hf needs, LD8xx). Configuration files are not read. Raises
@@ -55,12 +59,16 @@ def check(path: PathLike | Sequence[PathLike], base: PathLike | None = None,
     from llava_doctor.artifacts.installed import package_status
     from llava_doctor.checks.context import Options
     from llava_doctor.doctor import collect_targets, run_checks
+    from llava_doctor.models import Consumer
 
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     targets = collect_targets(paths)
     opts = Options(base=Path(base) if base is not None else None,
                    projector=Path(projector) if projector is not None else None,
-                   peft_version=peft_version or package_status("peft").version, fast=fast,
+                   peft_version=peft_version or package_status("peft").version,
+                   transformers_version=(transformers_version
+                                         or package_status("transformers").version),
+                   consumer=Consumer(merge_with) if merge_with is not None else None, fast=fast,
                    scan_base=scan_base, out=Path(out) if out is not None else None,
                    to=to if to == "llava-hf" else None,
                    vision_tower=Path(vision_tower) if vision_tower is not None else None)

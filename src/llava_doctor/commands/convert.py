@@ -1,7 +1,6 @@
 """The `convert` command (thin typer layer over `llava_doctor.merge.convert.convert`)."""
 
 # No `from __future__ import annotations`: typer reads the option aliases from the signature.
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -11,16 +10,13 @@ import typer
 from llava_doctor.commands.merge import (
     ConvTemplateOpt,
     VisionTowerOpt,
-    _ProgressBar,
-    _raise_interrupt,
     render_summary,
+    run_writer,
 )
 
 
 def register(app: typer.Typer) -> None:
     """Add `convert` to the app."""
-    from llava_doctor.cli import _color, _fail
-
     @app.command("convert")
     def convert_cmd(
         llava_dir: Annotated[Path, typer.Argument(help="An original-LLaVA checkpoint (merged or "
@@ -47,34 +43,11 @@ def register(app: typer.Typer) -> None:
         Exit 0 converted, 1 refused or failed (nothing written to --out), 2 usage error (e.g.
         no vision tower found).
         """
-        from llava_doctor.errors import DoctorError
-        from llava_doctor.merge import PreflightRefused
         from llava_doctor.merge.convert import convert
-        from llava_doctor.report import RENDERERS
 
-        saved = {sig: signal.signal(sig, handler) for sig, handler in (
-            (getattr(signal, "SIGXFSZ", None), signal.SIG_IGN),
-            (signal.SIGTERM, _raise_interrupt)) if sig is not None}
-        bar = _ProgressBar() if not quiet and sys.stderr.isatty() else None
-        kw = dict(vision_tower=vision_tower, conv_template=conv_template, device=device,
-                  dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-                  verify=verify)
-        try:
-            if bar is not None:
-                with bar:
-                    result = convert(llava_dir, out, observer=bar, **kw)  # type: ignore[arg-type]
-            else:
-                result = convert(llava_dir, out, **kw)  # type: ignore[arg-type]
-        except PreflightRefused as e:
-            sys.stdout.write(RENDERERS["text"](e.report, color=_color()))
-            raise _fail(e) from None
-        except DoctorError as e:
-            raise _fail(e) from None
-        except KeyboardInterrupt:
-            print(f"llava-doctor: aborted; nothing was written to {out}", file=sys.stderr)
-            raise typer.Exit(130) from None
-        finally:
-            for sig, handler in saved.items():
-                signal.signal(sig, handler)
+        result = run_writer(lambda observer: convert(
+            llava_dir, out, observer=observer, vision_tower=vision_tower,
+            conv_template=conv_template, device=device, dtype=dtype,
+            max_shard_size=max_shard_size, overwrite=overwrite, verify=verify), out, quiet)
         sys.stdout.write(render_summary(result, llava_dir, verb="converted"))
         raise typer.Exit(0)

@@ -8,6 +8,7 @@ progress through an observer), prints the summary on stdout and picks the exit c
 # `register` from the evaluated signature.
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
@@ -111,9 +112,43 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # the library removes its partial dir on the way out
 
 
+def run_writer(job: Callable[[Any], Any], out: Path, quiet: bool) -> Any:
+    """Run a library call that writes OUT (merge, convert) the way the CLI does: a progress bar
+    on a terminal, a file-size limit surfacing as EFBIG (a clear "disk full" error) instead of
+    killing us, SIGTERM unwinding like Ctrl-C so the partial directory is removed (exit 130),
+    expected failures as one line. Signal handlers are restored afterwards for callers that run
+    the command in-process (tests). `job(observer)` gets the bar, or None."""
+    from llava_doctor.cli import _color, _fail
+    from llava_doctor.errors import DoctorError
+    from llava_doctor.merge import PreflightRefused
+    from llava_doctor.report import RENDERERS
+
+    saved = {sig: signal.signal(sig, handler) for sig, handler in (
+        (getattr(signal, "SIGXFSZ", None), signal.SIG_IGN),
+        (signal.SIGTERM, _raise_interrupt)) if sig is not None}
+    bar = _ProgressBar() if not quiet and sys.stderr.isatty() else None
+    try:
+        if bar is not None:
+            with bar:
+                return job(bar)
+        return job(None)
+    except PreflightRefused as e:
+        sys.stdout.write(RENDERERS["text"](e.report, color=_color()))
+        raise _fail(e) from None
+    except DoctorError as e:
+        raise _fail(e) from None
+    except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM: the library has removed its work directory on the way out.
+        print(f"llava-doctor: aborted; nothing was written to {out}", file=sys.stderr)
+        raise typer.Exit(130) from None
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def register(app: typer.Typer) -> None:
     """Add `merge` to the app."""
-    from llava_doctor.cli import BaseOpt, ProjectorOpt, _color, _fail
+    from llava_doctor.cli import BaseOpt, ProjectorOpt
 
     @app.command("merge")
     def merge_cmd(
@@ -146,40 +181,12 @@ def register(app: typer.Typer) -> None:
 
         Exit 0 merged, 1 refused or failed (nothing written to --out), 2 usage error.
         """
-        from llava_doctor.errors import DoctorError
-        from llava_doctor.merge import PreflightRefused, merge
-        from llava_doctor.report import RENDERERS
+        from llava_doctor.merge import merge
 
-        # A file-size limit must surface as EFBIG (a clear "disk full" error), not kill us; a
-        # SIGTERM unwinds like Ctrl-C so the partial directory is removed. Restored afterwards
-        # for callers that run the command in-process (tests).
-        saved = {sig: signal.signal(sig, handler) for sig, handler in (
-            (getattr(signal, "SIGXFSZ", None), signal.SIG_IGN),
-            (signal.SIGTERM, _raise_interrupt)) if sig is not None}
-        bar = _ProgressBar() if not quiet and sys.stderr.isatty() else None
-        try:
-            if bar is not None:
-                with bar:
-                    result = merge(lora_dir, base, out, projector=projector, device=device,
-                                   dtype=dtype, max_shard_size=max_shard_size, force=force,
-                                   overwrite=overwrite, verify=verify, observer=bar, to=to,
-                                   vision_tower=vision_tower, conv_template=conv_template)
-            else:
-                result = merge(lora_dir, base, out, projector=projector, device=device,
-                               dtype=dtype, max_shard_size=max_shard_size, force=force,
-                               overwrite=overwrite, verify=verify, to=to,
-                               vision_tower=vision_tower, conv_template=conv_template)
-        except PreflightRefused as e:
-            sys.stdout.write(RENDERERS["text"](e.report, color=_color()))
-            raise _fail(e) from None
-        except DoctorError as e:
-            raise _fail(e) from None
-        except KeyboardInterrupt:
-            # Ctrl-C or SIGTERM: the library has removed its work directory on the way out.
-            print(f"llava-doctor: aborted; nothing was written to {out}", file=sys.stderr)
-            raise typer.Exit(130) from None
-        finally:
-            for sig, handler in saved.items():
-                signal.signal(sig, handler)
+        result = run_writer(lambda observer: merge(
+            lora_dir, base, out, projector=projector, device=device, dtype=dtype,
+            max_shard_size=max_shard_size, force=force, overwrite=overwrite, verify=verify,
+            observer=observer, to=to, vision_tower=vision_tower, conv_template=conv_template),
+            out, quiet)
         sys.stdout.write(render_summary(result, lora_dir))
         raise typer.Exit(0)

@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,14 +217,21 @@ def resolve_inputs(lora_dir: Path, base: Path | None, projector: Path | None,
 def _check_paths(lora_dir: Path, base: Path | None, out: Path, overwrite: bool) -> None:
     if not lora_dir.is_dir():
         raise UsageError("is not a directory", path=lora_dir, hint="pass the LoRA output directory")
+    check_out(out, overwrite, ((lora_dir, "the LoRA directory"), (base, "the base model")),
+              made="merged model")
+
+
+def check_out(out: Path, overwrite: bool, inputs: Iterable[tuple[Path | None, str]],
+              made: str) -> None:
+    """--out overlaps no input and does not exist unless --overwrite (then it is a directory)."""
     out_r = out.resolve()
-    for other, what in ((lora_dir, "the LoRA directory"), (base, "the base model")):
+    for other, what in inputs:
         if other is None:
             continue
         o = other.resolve()
         if out_r == o or o in out_r.parents or out_r in o.parents:
             raise UsageError(f"--out overlaps {what} ({other})", path=out,
-                             hint="write the merged model to a new directory")
+                             hint=f"write the {made} to a new directory")
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise MergeError("already exists; refusing to overwrite it", path=out,

@@ -26,6 +26,7 @@ from llava_doctor.merge import (
     PreflightRefused,
     _auto_dtype_name,
     _peak_rss,
+    check_out,
     cleanup_stale,
     parse_size,
     resolve_device,
@@ -151,21 +152,8 @@ def _check_paths(src: Path, out: Path, overwrite: bool, vision_tower: Path | Non
     if not src.is_dir():
         raise UsageError("is not a directory", path=src,
                          hint="pass the LLaVA checkpoint directory")
-    out_r = out.resolve()
-    for other, what in ((src, "the LLaVA checkpoint"), (vision_tower, "the vision tower")):
-        if other is None:
-            continue
-        o = other.resolve()
-        if out_r == o or o in out_r.parents or out_r in o.parents:
-            raise UsageError(f"--out overlaps {what} ({other})", path=out,
-                             hint="write the converted model to a new directory")
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise MergeError("already exists; refusing to overwrite it", path=out,
-                             hint="pass --overwrite, or choose another --out")
-        if not out.is_dir() or out.is_symlink():
-            raise MergeError("exists and is not a directory", path=out,
-                             hint="remove it or choose another --out")
+    check_out(out, overwrite, ((src, "the LLaVA checkpoint"), (vision_tower, "the vision tower")),
+              made="converted model")
 
 
 def convert(llava_dir: Path | str, out: Path | str, *, vision_tower: Path | str | None = None,
