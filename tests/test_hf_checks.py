@@ -46,6 +46,7 @@ def test_family_from_files(hf5: World, scenarios: dict[str, Path], tmp_path: Pat
     assert base_family(llava) == Family.llava
 
 
+@pytest.mark.usefixtures("needs_processors")
 def test_healthy_trl_style_run_is_not_taken_for_broken_llava(hf5: World) -> None:
     # The regression: a healthy llava-hf adapter got LD101 and LD104 errors.
     rep = run_checks([hf5.adapters["mts"]], Options(base=hf5.bases["llava"],
@@ -143,6 +144,7 @@ def test_ld701_info_without_target(hf5: World) -> None:
 
 # --- LD702 / LD703 --------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("needs_processors")
 def test_ld702_ld703_missing_files(hf5: World, tmp_path: Path) -> None:
     base = hf5.copy_base("llava", tmp_path)
     for n in ("preprocessor_config.json", "processor_config.json", "chat_template.json"):
@@ -162,6 +164,7 @@ def test_ld702_ld703_missing_files(hf5: World, tmp_path: Path) -> None:
     assert "cannot build the image processor" in f.message
 
 
+@pytest.mark.usefixtures("needs_processors")
 def test_ld702_ld703_healthy(hf5: World) -> None:
     assert not found(hf5.adapters["lm"], "LD702", base=hf5.bases["llava"])
     assert not found(hf5.adapters["lm"], "LD703", base=hf5.bases["llava"])
@@ -169,6 +172,7 @@ def test_ld702_ld703_healthy(hf5: World) -> None:
 
 # --- LD704 -----------------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("needs_processors")
 def test_ld704_processor_saved_by_446_read_by_5(hf5: World, tmp_path: Path) -> None:
     base = hf5.copy_base("llava", tmp_path)
     shutil.copyfile(hf5.proc["raw-llava"] / "processor_config.json",
@@ -183,6 +187,7 @@ def test_ld704_processor_saved_by_446_read_by_5(hf5: World, tmp_path: Path) -> N
     assert not found(hf5.adapters["lm"], "LD704", base=hf5.bases["llava"], transformers_version=T5)
 
 
+@pytest.mark.usefixtures("needs_processors")
 def test_ld704_patch_size_in_adapter_dir(hf5: World, tmp_path: Path) -> None:
     ad = hf5.copy("lm", tmp_path)
     shutil.copyfile(hf5.bases["llava"] / "processor_config.json", ad / "processor_config.json")
@@ -194,6 +199,7 @@ def test_ld704_patch_size_in_adapter_dir(hf5: World, tmp_path: Path) -> None:
 
 # --- LD705 -----------------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("needs_processors")
 def test_ld705_index_past_embeddings_and_tokenizer_disagrees(hf5: World, tmp_path: Path) -> None:
     base = hf5.copy_base("llava", tmp_path)
     edit_json(base / "config.json", image_token_index=300)
@@ -209,6 +215,7 @@ def test_ld705_index_past_embeddings_and_tokenizer_disagrees(hf5: World, tmp_pat
 
 # --- LD706 -----------------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("needs_processors")
 def test_ld706_grid_pinpoints(hf5: World, tmp_path: Path) -> None:
     base = hf5.copy_base("llava_next", tmp_path)
     edit_json(base / "preprocessor_config.json", image_grid_pinpoints=[[28, 56], [56, 28]])
@@ -283,6 +290,7 @@ def test_ld206_pissa(hf5: World, tmp_path: Path) -> None:
     assert not found(hf5.adapters["lm"], "LD206", base=hf5.bases["llava"])
 
 
+@pytest.mark.usefixtures("needs_processors")
 def test_ld403_tokenizer_longer_than_embeddings(hf5: World, tmp_path: Path) -> None:
     ad = hf5.copy("lm", tmp_path)
     for n in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",

@@ -56,6 +56,7 @@ def test_ld701_fix_renames_into_the_target_layout(hf4: World, tmp_path: Path) ->
     assert (ad / ADAPTER).read_bytes() == (hf4.adapters["mts"] / ADAPTER).read_bytes()
 
 
+@pytest.mark.usefixtures("needs_processors")
 def test_ld701_fix_needs_a_target_and_leaves_the_base(hf5: World, tmp_path: Path) -> None:
     ad = hf5.copy("lm", tmp_path)
     _, plan = plan_fixes(ad, Options(base=hf5.bases["llava"]))
@@ -72,6 +73,7 @@ def test_ld701_fix_needs_a_target_and_leaves_the_base(hf5: World, tmp_path: Path
     assert all(k.startswith("base_model.model.language_model.model.layers.") for k in keys)
 
 
+@pytest.mark.usefixtures("needs_processors")
 def test_ld704_fix_writes_the_adapter_dirs_processor_config(hf5: World, tmp_path: Path) -> None:
     base = hf5.copy_base("llava", tmp_path)
     shutil.copyfile(hf5.proc["raw-llava"] / "processor_config.json",
@@ -94,6 +96,7 @@ def test_ld704_fix_writes_the_adapter_dirs_processor_config(hf5: World, tmp_path
     assert not again.files
 
 
+@pytest.mark.usefixtures("needs_processors")
 def test_fix_unsafe_plans_nothing_original_on_a_healthy_run(hf5: World) -> None:
     # It used to plan LD106's symlink and LLaVA's merge_lora_weights.py for this adapter.
     opts = Options(base=hf5.bases["llava"], transformers_version=T5, peft_version="0.21.2")
