@@ -76,3 +76,16 @@ class StorageRecord:
     offset: int
     nbytes: int
     zip_member: bool
+
+
+def is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...] | None) -> bool:
+    """Whether a tensor with these element strides is laid out row-major without gaps (None:
+    no strides recorded, i.e. contiguous). Size-1 dimensions may have any stride."""
+    if stride is None:
+        return True
+    expected = 1
+    for size, st in zip(reversed(shape), reversed(stride), strict=True):
+        if size != 1 and st != expected:
+            return False
+        expected *= size
+    return True

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 
 from llava_doctor.artifacts.tensor_stats import TensorStats
-from llava_doctor.artifacts.tensors import TensorInfo
+from llava_doctor.artifacts.tensors import TensorInfo, is_contiguous
 from llava_doctor.artifacts.weights import WeightFile
 from llava_doctor.errors import FileCorruptError
 
@@ -74,15 +74,6 @@ _LOCAL_MAGIC = b"PK\x03\x04"
 def numpy_readable(dtype: str) -> bool:
     """Whether values of this header dtype are read without torch."""
     return dtype in _NP
-
-
-def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
-    expected = 1
-    for size, st in zip(reversed(shape), reversed(stride), strict=True):
-        if size != 1 and st != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _pieces(off: int, shape: tuple[int, ...], stride: tuple[int, ...], limit: int,
@@ -214,7 +205,7 @@ class ValueReader:
         size = base.itemsize
         limit = max(1, self.chunk_bytes // size)
         stride = loc.stride
-        if _contiguous(shape, stride):
+        if is_contiguous(shape, stride):
             shape, stride = (prod(shape),), (1,)
         swap = not base.isnative
         for off, pshape, pstride in _pieces(0, shape, stride, limit):

@@ -32,16 +32,16 @@ from llava_doctor.errors import DoctorError, MergeError, UsageError
 from llava_doctor.fsutil import fsync_dir
 from llava_doctor.merge.hf import build_hf_plan, write_hf_side_files
 from llava_doctor.merge.llava_parts import (
-    fixed_generation_config,
     llm_family,
     merged_config,
     out_name_warnings,
     tokenizer_files,
+    write_generation_config,
 )
 from llava_doctor.merge.plan import DTYPES, MergeInputs, MergePlan, build_plan, parse_size
 from llava_doctor.merge.stream import Executor, MergeEvent, Observer
 from llava_doctor.merge.verify import SampleChecker, Verification, verify_output
-from llava_doctor.merge.writer import crash_point, write_file, write_json
+from llava_doctor.merge.writer import crash_point, write_file, write_index, write_json
 from llava_doctor.models import Consumer, Finding, Report, Severity
 
 __all__ = ["merge", "MergeResult", "MergeEvent", "PreflightRefused", "resolve_device",
@@ -460,22 +460,16 @@ def _write_side_files(plan: MergePlan, inputs: MergeInputs, out: Path, durable: 
                       notes: list[str]) -> dict[str, str]:
     """Index, config.json, generation_config.json and tokenizer files; returns their sha256."""
     files: dict[str, str] = {}
-    index = {"metadata": {"total_size": plan.total_size, "format": "pt"},
-             "weight_map": dict(sorted(plan.weight_map().items()))}
-    files["model.safetensors.index.json"] = write_json(out / "model.safetensors.index.json", index,
-                                                      durable=durable)
+    name, digest = write_index(plan, out, durable)
+    files[name] = digest
     out_dtype = plan.out_dtype if plan.out_dtype != "auto" else _auto_dtype_name(plan)
     cfg, cfg_notes = merged_config(inputs.lora_config or {}, out_dtype=out_dtype,
                                    base=inputs.base_path, vocab_rows=plan.vocab_rows)
     notes += cfg_notes
     files["config.json"] = write_json(out / "config.json", cfg, durable=durable)
-    gen_path = inputs.base_path / "generation_config.json"
-    if gen_path.is_file():
-        gen, note = fixed_generation_config(read_json(gen_path))
-        if note:
-            notes.append(note)
-        files["generation_config.json"] = write_json(out / "generation_config.json", gen,
-                                                     durable=durable)
+    gen_digest = write_generation_config(inputs.base_path, out, durable, notes)
+    if gen_digest is not None:
+        files["generation_config.json"] = gen_digest
     tok = tokenizer_files(inputs.base_path)
     if not tok:
         notes.append(f"the base {inputs.base_path} has no tokenizer files; copy them into the "

@@ -43,7 +43,7 @@ from llava_doctor.merge.hf_plan import Vocab, plan_llava_hf, plan_model_dir
 from llava_doctor.merge.llava_parts import fixed_generation_config, llm_family
 from llava_doctor.merge.plan import MergePlan
 from llava_doctor.merge.stream import MergeEvent, Observer
-from llava_doctor.merge.writer import write_file, write_json
+from llava_doctor.merge.writer import write_file, write_index, write_json
 from llava_doctor.models import Finding, Report, Severity
 
 TARGETS = ("llava", "llava-hf")
@@ -99,10 +99,8 @@ class HfConversion:
         """Index, config.json, generation config, processor and tokenizer files in ``out``."""
         durable = self.durable
         files: dict[str, str] = {}
-        index = {"metadata": {"total_size": plan.total_size, "format": "pt"},
-                 "weight_map": dict(sorted(plan.weight_map().items()))}
-        files["model.safetensors.index.json"] = write_json(out / "model.safetensors.index.json",
-                                                          index, durable=durable)
+        name, digest = write_index(plan, out, durable)
+        files[name] = digest
         out_dtype = plan.out_dtype if plan.out_dtype != "auto" else _auto_dtype_name(plan)
         cfg = hf_config(self.cfg, self.tower, self.vocab, family=self.family, next_=self.next_,
                         out_dtype=out_dtype)

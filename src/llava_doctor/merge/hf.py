@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from llava_doctor.artifacts import hf_layout
-from llava_doctor.artifacts.configs import TOKENIZER_FILES, read_json
+from llava_doctor.artifacts.configs import TOKENIZER_FILES
 from llava_doctor.artifacts.hf_layout import Layout, Part
 from llava_doctor.errors import MergeError, UsageError
-from llava_doctor.merge.llava_parts import fixed_generation_config
+from llava_doctor.merge.llava_parts import write_generation_config
 from llava_doctor.merge.plan import (
     DTYPES,
     MergeInputs,
@@ -37,7 +37,7 @@ from llava_doctor.merge.plan import (
     finish_plan,
     plan_adapter,
 )
-from llava_doctor.merge.writer import write_file, write_json
+from llava_doctor.merge.writer import write_file, write_index, write_json
 
 CANON = hf_layout.TABLE[Layout.canonical]
 # Files the merged dir gets, by group: a group comes whole from the adapter dir or the base.
@@ -109,20 +109,14 @@ def write_hf_side_files(plan: MergePlan, inputs: MergeInputs, out: Path, durable
                         notes: list[str], out_dtype: str) -> dict[str, str]:
     """Index, config.json, generation_config.json, tokenizer/processor/chat-template files."""
     files: dict[str, str] = {}
-    index = {"metadata": {"total_size": plan.total_size, "format": "pt"},
-             "weight_map": dict(sorted(plan.weight_map().items()))}
-    files["model.safetensors.index.json"] = write_json(out / "model.safetensors.index.json", index,
-                                                      durable=durable)
+    name, digest = write_index(plan, out, durable)
+    files[name] = digest
     files["config.json"] = write_json(out / "config.json",
                                       merged_hf_config(inputs.base_config or {}, out_dtype),
                                       durable=durable)
-    gen_path = inputs.base_path / "generation_config.json"
-    if gen_path.is_file():
-        gen, note = fixed_generation_config(read_json(gen_path))
-        if note:
-            notes.append(note)
-        files["generation_config.json"] = write_json(out / "generation_config.json", gen,
-                                                     durable=durable)
+    gen_digest = write_generation_config(inputs.base_path, out, durable, notes)
+    if gen_digest is not None:
+        files["generation_config.json"] = gen_digest
     copied = side_files(inputs.lora_dir, inputs.base_path)
     groups = {g for g, _ in copied}
     for group in FILE_GROUPS:

@@ -182,3 +182,18 @@ def out_name_warnings(out: Path, family: str = "llama") -> list[str]:
         warns.append(f"--out name '{name}' lacks 'mistral': LLaVA's loader would build "
                      "LlavaLlamaForCausalLM for this Mistral model; add 'mistral' to the name")
     return warns
+
+
+def write_generation_config(base: Path, out: Path, durable: bool, notes: list[str]) -> str | None:
+    """The base's generation_config.json, made savable (vicuna's sampling fields without
+    do_sample), written into OUT; its sha256, or None when the base has none."""
+    from llava_doctor.artifacts.configs import read_json
+    from llava_doctor.merge.writer import write_json
+
+    path = base / "generation_config.json"
+    if not path.is_file():
+        return None
+    gen, note = fixed_generation_config(read_json(path))
+    if note:
+        notes.append(note)
+    return write_json(out / "generation_config.json", gen, durable=durable)

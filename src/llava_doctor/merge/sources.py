@@ -22,7 +22,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llava_doctor.artifacts.tensors import ST_TO_TORCH, TensorInfo
+from llava_doctor.artifacts.tensors import ST_TO_TORCH, TensorInfo, is_contiguous
 from llava_doctor.artifacts.weights import WeightFile, load_tensors
 from llava_doctor.errors import FileCorruptError, MergeError
 
@@ -43,17 +43,6 @@ def torch_dtype(st_dtype: str) -> torch.dtype:
         raise MergeError(f"tensor dtype {st_dtype} has no torch equivalent on this torch "
                          f"({torch.__version__})", hint="upgrade torch")
     return dt
-
-
-def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...] | None) -> bool:
-    if stride is None:
-        return True
-    expected = 1
-    for size, st in zip(reversed(shape), reversed(stride), strict=True):
-        if size != 1 and st != expected:
-            return False
-        expected *= size
-    return True
 
 
 def read_exact(fd: int, buf: memoryview, offset: int, path: Path) -> None:
@@ -140,7 +129,7 @@ class TensorSource:
             return info.offset
         if self.wf.format != "torch-zip" or info.storage_key is None or info.offset is None:
             return None
-        if not _contiguous(info.shape, info.stride):
+        if not is_contiguous(info.shape, info.stride):
             return None
         rec = self._zip_records().get(info.storage_key)
         if rec is None or not self._little_endian:

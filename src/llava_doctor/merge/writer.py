@@ -24,6 +24,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llava_doctor.errors import MergeError
 
@@ -193,3 +194,10 @@ def write_json(path: Path, obj: object, *, durable: bool = True) -> str:
                       durable=durable)
 
 
+def write_index(plan: Any, out: Path, durable: bool) -> tuple[str, str]:
+    """The shard index Hugging Face loaders read (`total_size` in bytes, sorted weight map);
+    returns (file name, sha256)."""
+    name = "model.safetensors.index.json"
+    index = {"metadata": {"total_size": plan.total_size, "format": "pt"},
+             "weight_map": dict(sorted(plan.weight_map().items()))}
+    return name, write_json(out / name, index, durable=durable)
