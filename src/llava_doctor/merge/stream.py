@@ -5,12 +5,14 @@ Memory: a handful of row blocks (a few MB each), the LoRA matrices of the module
 and, only for tensors that cannot be split into rows (DoRA on a transposed weight, 1-d tensors,
 files that are not readable in place), that one tensor. Nothing scales with the model.
 
-Three threads: this one reads and computes (torch on every core but one), a writer thread
-`pwrite`s finished blocks and reads each one back from the file to compare it byte for byte
-with what it handed the kernel, a hasher thread feeds the blocks to the shard's sha256 (one
-pass: the bytes hashed are the ones proven to be in the file). All release the GIL in the heavy
-parts, so I/O, hashing and maths overlap. Queues are bounded, so a slow disk slows the reader
-instead of filling memory.
+Threads: this one walks the plan and reads each block's input bytes; on a CPU, one compute
+worker per core merges blocks (each worker runs torch single-threaded, so no OpenMP pool spins
+waiting for a core another thread holds); a writer thread `pwrite`s finished blocks in file
+order and reads each one back from the file to compare it byte for byte with what it handed
+the kernel; a hasher thread feeds the blocks to the shard's sha256 (one pass: the bytes hashed
+are the ones proven to be in the file). All release the GIL in the heavy parts, so reading,
+maths, writing and hashing overlap. Queues and buffer pools are bounded, so a slow disk slows
+the reader instead of filling memory.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -53,26 +55,27 @@ class MergeEvent:
 
 
 Observer = Callable[[MergeEvent], None]
-_Block = tuple[int, Any, int]  # first row, output buffer, bytes of it to write
 
 
 class _Pool:
     """Reusable output buffers; a block larger than the pool's size gets its own."""
 
-    def __init__(self, count: int, nbytes: int, alive: Callable[[], None]):
+    def __init__(self, count: int, nbytes: int, alive: Callable[[], None],
+                 pinned: bool = False):
         import torch
 
         self.nbytes = nbytes
         self._alive = alive
+        self._pinned = pinned
         self._free: queue.Queue[Any] = queue.Queue()
         for _ in range(count):
-            self._free.put(torch.empty(nbytes, dtype=torch.uint8))
+            self._free.put(torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned))
 
     def take(self, nbytes: int) -> torch.Tensor:
         import torch
 
         if nbytes > self.nbytes:
-            return torch.empty(nbytes, dtype=torch.uint8)
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._pinned)
         while True:
             try:
                 return self._free.get(timeout=0.2)
@@ -129,6 +132,83 @@ class _Stage(threading.Thread):
                 if not self.is_alive():
                     return  # nobody will ever take it
                 continue
+
+
+class _Task:
+    """One block's maths, run by a compute worker; the writer waits for it in file order."""
+
+    __slots__ = ("done", "error", "fn")
+
+    def __init__(self, fn: Callable[[Any], None]):
+        self.fn = fn  # called with the worker's float32 scratch buffer (or None)
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def wait(self, alive: Callable[[], None]) -> None:
+        """Block until the maths is done; re-raise its failure (on the writer thread)."""
+        while not self.done.wait(0.2):
+            alive()
+        if self.error is not None:
+            raise self.error
+
+
+class _Computer:
+    """Compute workers taking `_Task`s first in, first out; each owns a float32 scratch buffer
+    (``scratch`` elements; none for devices that are not the plain CPU)."""
+
+    def __init__(self, workers: int, scratch: int):
+        import torch
+
+        self.q: queue.Queue[_Task | None] = queue.Queue(maxsize=QUEUE_DEPTH)
+        self.aborted = False
+        self._scratch = scratch
+        self._threads = [threading.Thread(target=self._run, args=(torch,), daemon=True,
+                                          name=f"llava-doctor-compute-{i}")
+                         for i in range(workers)]
+        for th in self._threads:
+            th.start()
+
+    def _run(self, torch: Any) -> None:
+        work = torch.empty(self._scratch, dtype=torch.float32) if self._scratch else None
+        while (task := self.q.get()) is not None:
+            try:
+                if self.aborted:
+                    raise RuntimeError("aborted")
+                task.fn(work)
+            except BaseException as e:  # re-raised by the writer, in file order
+                task.error = e
+            finally:
+                task.done.set()
+
+    def submit(self, task: _Task, alive: Callable[[], None]) -> None:
+        while True:
+            alive()
+            try:
+                self.q.put(task, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def close(self, abort: bool = False) -> None:
+        """Finish the queued tasks (or, with ``abort``, fail them at once) and stop."""
+        self.aborted = self.aborted or abort
+        for _ in self._threads:
+            self.q.put(None)
+        for th in self._threads:
+            th.join(timeout=30)
+
+
+@dataclass
+class _Ctx:
+    """What the executor's per-tensor code hands blocks to."""
+
+    sw: ShardWriter
+    sources: SourcePool
+    writer: _Stage
+    pool: _Pool          # output buffers (returned by the hasher)
+    inputs: _Pool        # input bytes of blocks in flight (returned by the compute workers)
+    computer: _Computer
+    alive: Callable[[], None]
 
 
 def _memcmp() -> Callable[..., int] | None:
@@ -285,6 +365,14 @@ def compute_threads() -> int:
     return max(1, cores() - 1)
 
 
+def compute_workers() -> int:
+    """Compute workers for a merge on the plain CPU device: one per core, each running torch on
+    a single thread. The writer and hasher threads share those cores with them; the kernel
+    schedules blocking threads fairly, where an OpenMP pool spinning at a barrier would not
+    (measured on 2 cores, whole command: see bench/merge.md)."""
+    return cores()
+
+
 def _row_plan(t: PlannedTensor, direct: bool) -> tuple[int, int]:
     """(rows in the tensor, rows per block); one block when the tensor cannot be split."""
     shape = t.shape
@@ -309,8 +397,6 @@ class Executor:
         self.after_tensor = after_tensor
         self.read_back = read_back
         self.reread: dict[str, str] | None = None
-        self._work: torch.Tensor | None = None
-        self._inbuf: torch.Tensor | None = None
         self.plan = plan
         self.out_dir = out_dir
         self.device = device
@@ -353,7 +439,9 @@ class Executor:
         def write_item(item: Any) -> None:
             kind, sw, *rest = item
             if kind == "block":
-                offset, buf, nbytes, copy_from = rest
+                offset, buf, nbytes, copy_from, task = rest
+                if task is not None:
+                    task.wait(alive)  # the compute workers fill blocks out of order
                 data = byte_view(buf)[:nbytes]
                 if copy_from is not None:
                     # A plain copy: read here, so the compute thread goes on to the next
@@ -387,7 +475,7 @@ class Executor:
         def hash_item(item: Any) -> None:
             kind, sw, *rest = item
             if kind == "block":
-                _, buf, nbytes, _ = rest
+                _, buf, nbytes, _, _ = rest
                 sw.hash(byte_view(buf)[:nbytes])
                 pool.give(buf)
             elif kind == "finish":
@@ -406,25 +494,29 @@ class Executor:
         done = 0
         bytes_done = 0
         cuda = self.device.startswith("cuda")
-        # float32 scratch for blocks merged on the plain "cpu" device, reused (a fresh 4 MB
-        # allocation per block costs page faults that show up in the profile). Any other device
-        # (cuda:N; "cpu:0" in the tests, which runs this same device path on the CPU) gets
-        # each block with `.to(device, float32)`.
-        self._work = (torch.empty(BLOCK_ELEMS, dtype=torch.float32)
-                      if self.device == "cpu" else None)
-        # Pinned, so host-to-GPU copies of a block can run asynchronously.
-        self._inbuf = torch.empty(BLOCK_ELEMS * 8, dtype=torch.uint8, pin_memory=cuda)
+        plain_cpu = self.device == "cpu"
+        # Input bytes of blocks in flight, reused (a fresh 4 MB allocation per block costs page
+        # faults that show up in the profile); pinned, so host-to-GPU copies run asynchronously.
+        workers = compute_workers() if plain_cpu else 1
+        inputs = _Pool(QUEUE_DEPTH + workers + 1, BLOCK_ELEMS * 4, alive, pinned=cuda)
+        # Each worker owns a float32 scratch block on the plain "cpu" device. Any other device
+        # (cuda:N; "cpu:0" in the tests, which runs this same device path on the CPU) gets each
+        # block with `.to(device, float32)`, from one worker that feeds it.
+        computer = _Computer(workers, BLOCK_ELEMS if plain_cpu else 0)
         threads = torch.get_num_threads()
         if not cuda:
-            torch.set_num_threads(compute_threads())
+            torch.set_num_threads(1)  # per worker: the workers are the parallelism
+        ctx = _Ctx(sw=None, sources=sources, writer=writer, pool=pool, inputs=inputs,  # type: ignore[arg-type]
+                   computer=computer, alive=alive)
         try:
             self._emit(phase="write", done=0, total=total, bytes_total=bytes_total)
             for shard in self.plan.shards:
                 sw = ShardWriter(self.out_dir / shard.filename, shard.header, shard.data_size,
                                  durable=self.durable)
                 open_shards.append(sw)
+                ctx.sw = sw
                 for t in shard.tensors:
-                    self._tensor(t, shard, sw, sources, writer, pool)
+                    self._tensor(t, shard, ctx)
                     if self.after_tensor is not None:
                         writer.put(("tensor", sw, t))
                     done += 1
@@ -432,12 +524,14 @@ class Executor:
                     self._emit(phase="write", done=done, total=total, bytes_done=bytes_done,
                                bytes_total=bytes_total, tensor=t.name)
                 writer.put(("finish", sw))
+            computer.close()
             writer.put(None)
             writer.join()
             hasher.join()
             alive()
             return hashes
         except BaseException:
+            computer.close(abort=True)
             writer.error = writer.error or RuntimeError("aborted")
             hasher.error = hasher.error or RuntimeError("aborted")
             writer.put(None)
@@ -453,19 +547,16 @@ class Executor:
             for fd in copy_fds.values():
                 os.close(fd)
             torch.set_num_threads(threads)
-            # Freed before verification, which reads tensors of its own.
-            self._work = self._inbuf = None
 
     # --- one tensor ---------------------------------------------------------------------------
-    def _tensor(self, t: PlannedTensor, shard: PlannedShard, sw: ShardWriter,
-                sources: SourcePool, writer: _Stage, pool: _Pool) -> None:
+    def _tensor(self, t: PlannedTensor, shard: PlannedShard, ctx: _Ctx) -> None:
         if t.nbytes == 0:
             return  # an empty tensor has a header entry and no bytes
         if t.pad_rows:
-            self._padded(t, shard, sw, sources, writer, pool)
+            self._padded(t, shard, ctx)
             return
         info = t.source.info
-        src = sources.get(t.source.file, t.source.origin)
+        src = ctx.sources.get(t.source.file, t.source.origin)
         direct = src.direct(t.source.key)
         rows, step = _row_plan(t, direct)
         in_row = row_bytes(info)
@@ -479,11 +570,11 @@ class Executor:
             for start in range(0, rows, step):
                 stop = min(rows, start + step)
                 n = (stop - start) * in_row if len(t.shape) >= 2 else info.nbytes
-                writer.put(("block", sw, base_offset + start * out_row, pool.take(n), n,
-                            (t.source.file, first + start * in_row)))
+                ctx.writer.put(("block", ctx.sw, base_offset + start * out_row,
+                                ctx.pool.take(n), n, (t.source.file, first + start * in_row),
+                                None))
             return
-        for start, out_buf, n_out in self._blocks(t, src, sources, direct, rows, step, pool):
-            writer.put(("block", sw, base_offset + start * out_row, out_buf, n_out, None))
+        self._blocks(t, src, ctx, direct, rows, step, base_offset)
 
     def _lora_tensors(self, t: PlannedTensor, adapter: TensorSource) -> LoraTensors | None:
         if t.lora is None:
@@ -499,13 +590,14 @@ class Executor:
         mag = get(spec.magnitude).reshape(-1) if spec.magnitude is not None else None
         return LoraTensors(A=get(spec.a), B=get(spec.b), magnitude=mag)
 
-    def _blocks(self, t: PlannedTensor, src: TensorSource, sources: SourcePool, direct: bool,
-                rows: int, step: int, pool: _Pool) -> Iterator[_Block]:
-        """Read, merge and cast the tensor block by block into pool buffers."""
+    def _blocks(self, t: PlannedTensor, src: TensorSource, ctx: _Ctx, direct: bool,
+                rows: int, step: int, base_offset: int) -> None:
+        """Read the tensor block by block (this thread), merge and cast each block into a pool
+        buffer (a compute worker), and queue it for the writer in file order."""
         import torch
 
         info = t.source.info
-        adapter = (sources.get(self.plan.adapter_path, "adapter")
+        adapter = (ctx.sources.get(self.plan.adapter_path, "adapter")
                    if t.lora is not None or t.lora_bias is not None else None)
         lt = self._lora_tensors(t, adapter) if adapter is not None else None
         lbias = (adapter.tensor(t.lora_bias).to(device=self.device, dtype=torch.float32)  # type: ignore[union-attr]
@@ -523,39 +615,51 @@ class Executor:
             n_out = (stop - start) * out_row if len(t.shape) >= 2 else t.nbytes
             n_in = (stop - start) * in_row if len(t.shape) >= 2 else info.nbytes
             block_shape = ((stop - start), *shape_tail) if len(t.shape) >= 2 else t.shape
-            out_buf = pool.take(n_out)
+            out_buf = ctx.pool.take(n_out)
+            in_buf = None
             if whole is not None:
                 x = whole[start:stop] if len(t.shape) >= 2 else whole
             else:
-                buf = (self._inbuf if self._inbuf is not None and n_in <= self._inbuf.numel()
-                       else torch.empty(n_in, dtype=torch.uint8))
+                in_buf = ctx.inputs.take(n_in)
                 if n_in:
-                    src.read_into(t.source.key, start, stop - start,
-                                  byte_view(buf)[:n_in])
-                x = buf[:n_in].view(in_dt).view(block_shape)
+                    src.read_into(t.source.key, start, stop - start, byte_view(in_buf)[:n_in])
+                x = in_buf[:n_in].view(in_dt).view(block_shape)
             out_view = out_buf[:n_out].view(out_dt).view(block_shape)
-            if lt is None and lbias is None:
-                # A dtype change only: one rounding; narrowing (bf16 -> fp16) can overflow.
-                if (self.check_finite and narrows and x.is_floating_point()
-                        and not self._in_range(x, out_dt)):
-                    raise self._overflow(t)
-                out_view.copy_(x)
-            else:
-                w = self._float32(x, block_shape)
-                if lt is not None:
-                    apply_rows(w.view(stop - start, -1), t.lora, lt, start, stop)  # type: ignore[arg-type]
-                if lbias is not None:
-                    apply_bias(w, lbias, t.bias_scaling)
-                finite = not self.check_finite or self._in_range(w, out_dt)
-                if w.device.type != "cpu":
-                    w = w.to(out_dt)  # round on the device, move half the bytes
-                out_view.copy_(w)  # the one rounding to the output dtype
-                if not finite:
-                    raise self._overflow(t)
-            yield start, out_buf, n_out
 
-    def _padded(self, t: PlannedTensor, shard: PlannedShard, sw: ShardWriter,
-                sources: SourcePool, writer: _Stage, pool: _Pool) -> None:
+            def merge_block(work: torch.Tensor | None, x: torch.Tensor = x,
+                            out_view: torch.Tensor = out_view, in_buf: Any = in_buf,
+                            block_shape: tuple[int, ...] = block_shape, start: int = start,
+                            stop: int = stop) -> None:
+                try:
+                    if lt is None and lbias is None:
+                        # A dtype change only: one rounding; narrowing (bf16 -> fp16) can
+                        # overflow.
+                        if (self.check_finite and narrows and x.is_floating_point()
+                                and not self._in_range(x, out_dt)):
+                            raise self._overflow(t)
+                        out_view.copy_(x)
+                        return
+                    w = self._float32(x, block_shape, work)
+                    if lt is not None:
+                        apply_rows(w.view(stop - start, -1), t.lora, lt, start, stop)  # type: ignore[arg-type]
+                    if lbias is not None:
+                        apply_bias(w, lbias, t.bias_scaling)
+                    finite = not self.check_finite or self._in_range(w, out_dt)
+                    if w.device.type != "cpu":
+                        w = w.to(out_dt)  # round on the device, move half the bytes
+                    out_view.copy_(w)  # the one rounding to the output dtype
+                    if not finite:
+                        raise self._overflow(t)
+                finally:
+                    if in_buf is not None:
+                        ctx.inputs.give(in_buf)  # the input bytes are no longer needed
+
+            task = _Task(merge_block)
+            ctx.computer.submit(task, ctx.alive)
+            ctx.writer.put(("block", ctx.sw, base_offset + start * out_row, out_buf, n_out,
+                            None, task))
+
+    def _padded(self, t: PlannedTensor, shard: PlannedShard, ctx: _Ctx) -> None:
         """The source's rows in the output dtype, then ``t.pad_rows`` rows of their mean.
 
         Two passes over the source in row blocks (the mean first); no LoRA (the planner refuses
@@ -564,7 +668,7 @@ class Executor:
 
         from llava_doctor.merge.padding import mean_row
 
-        src = sources.get(t.source.file, t.source.origin)
+        src = ctx.sources.get(t.source.file, t.source.origin)
         key = t.source.key
         out_dt = torch_dtype(t.dtype)
         in_rows = t.source.info.shape[0]
@@ -577,7 +681,7 @@ class Executor:
         for start in range(0, t.shape[0], step):
             stop = min(t.shape[0], start + step)
             n_out = (stop - start) * out_row
-            out_buf = pool.take(n_out)
+            out_buf = ctx.pool.take(n_out)
             out_view = out_buf[:n_out].view(out_dt).view((stop - start, *t.shape[1:]))
             if start < in_rows:
                 own = min(stop, in_rows)
@@ -589,7 +693,8 @@ class Executor:
                 out_view[own - start:].copy_(mean)
             else:
                 out_view.copy_(mean)
-            writer.put(("block", sw, base_offset + start * out_row, out_buf, n_out, None))
+            ctx.writer.put(("block", ctx.sw, base_offset + start * out_row, out_buf, n_out,
+                            None, None))
 
     def _overflow(self, t: PlannedTensor) -> MergeError:
         where = self.plan.adapter_path if t.lora is not None else t.source.file
@@ -611,13 +716,13 @@ class Executor:
         top = torch.finfo(out_dt).max if out_dt.is_floating_point else float("inf")
         return bool(-top <= float(lo) and float(hi) <= top)  # False for NaN
 
-    def _float32(self, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    def _float32(self, x: torch.Tensor, shape: tuple[int, ...],
+                 work: torch.Tensor | None) -> torch.Tensor:
         import torch
 
-        if self._work is not None:
+        if work is not None:
             n = x.numel()
-            w = (self._work[:n] if n <= self._work.numel()
-                 else torch.empty(n, dtype=torch.float32))
+            w = work[:n] if n <= work.numel() else torch.empty(n, dtype=torch.float32)
             w = w.view(shape)
             w.copy_(x)
             return w
