@@ -260,3 +260,41 @@ def test_too_little_free_space_is_refused_before_writing(
     assert rc == 1
     assert stderr.startswith("llava-doctor: error: ") and "GB free" in stderr
     assert "needs about" in stderr and not out.exists()
+
+
+class _Exited(Exception):
+    def __init__(self, code: int):
+        self.code = code
+
+
+@pytest.mark.parametrize(("ending", "code"), [(None, 0), (SystemExit(None), 0),
+                                              (SystemExit(0), 0), (SystemExit(4), 4),
+                                              (SystemExit("no such run"), 1)])
+@pytest.mark.parametrize("torch_loaded", [True, False])
+def test_console_keeps_mains_exit_status(ending: SystemExit | None, code: int,
+                                         torch_loaded: bool, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """The script's entry point skips interpreter teardown only once torch is loaded, and
+    exits with main's status either way (a message passed to sys.exit is printed, status 1)."""
+    from llava_doctor import cli
+
+    def fake_main() -> None:
+        print("summary line")
+        if ending is not None:
+            raise ending
+
+    def fake_exit(status: int) -> None:
+        raise _Exited(status)
+
+    monkeypatch.setattr(cli, "main", fake_main)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    if torch_loaded:
+        monkeypatch.setitem(sys.modules, "torch", sys.modules.get("torch") or object())
+    else:
+        monkeypatch.delitem(sys.modules, "torch", raising=False)
+    with pytest.raises(_Exited if torch_loaded else SystemExit) as exc:
+        cli.console()
+    assert exc.value.code == code
+    out, err = capsys.readouterr()
+    assert out == "summary line\n"
+    assert err == ("no such run\n" if code == 1 else "")

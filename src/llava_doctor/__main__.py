@@ -1,4 +1,4 @@
-from llava_doctor.cli import main
+from llava_doctor.cli import console
 
 if __name__ == "__main__":
-    main()
+    console()
