@@ -73,6 +73,54 @@ def build(root: Path, layers: int) -> dict[str, Path]:
     return paths
 
 
+def build_hf(root: Path, layers: int) -> dict[str, Path]:
+    """A llava-hf run at the same scale, written by transformers and peft themselves: a
+    `LlavaForConditionalGeneration` (the bench's Llama text model, a 4-layer CLIP-L-shaped
+    tower at 336 px, the mlp2x_gelu projector) saved in fp16 by `save_pretrained`, and a peft
+    adapter on every linear layer of the language model (r=128, alpha=256, saved in bf16, as
+    TRL / LLaMA-Factory runs with a frozen tower and projector leave it)."""
+    paths = {"base": root / "llava-hf-bench", "lora": root / "llava-hf-bench-lora"}
+    marker = root / f".complete-{layers}"
+    if marker.exists():
+        return paths
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    print(f"building a {layers}-layer llava-hf base and r=128 adapter under {root} ...",
+          file=sys.stderr)
+    torch.manual_seed(0)
+    text = LlamaConfig(vocab_size=32064, hidden_size=2048, intermediate_size=5504,
+                       num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16,
+                       pad_token_id=32001)
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
+                              num_attention_heads=16, image_size=336, patch_size=14,
+                              projection_dim=768)
+    model = LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision,
+                                                      image_token_index=32000))
+    model = model.half()
+    model.save_pretrained(paths["base"], max_shard_size="400MB")
+    targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    pm = get_peft_model(model, LoraConfig(r=128, lora_alpha=256, lora_dropout=0.05,
+                                          target_modules=targets))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:  # lora_B starts at zero: give it trained-looking values
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    pm = pm.to(torch.bfloat16)
+    pm.save_pretrained(str(paths["lora"]))
+    marker.touch()
+    return paths
+
+
 def dir_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
@@ -89,16 +137,17 @@ def warm(paths: list[Path]) -> None:
 # ------------------------------------------------------------------------------- child jobs
 def child(job: str, args: list[str]) -> None:
     """Run one job in this (fresh) process; print a JSON line last."""
-    if job == "build":
+    if job in ("build", "build-hf"):
         root, layers = Path(args[0]), int(args[1])
-        print(json.dumps({k: str(v) for k, v in build(root, layers).items()}))
+        made = (build if job == "build" else build_hf)(root, layers)
+        print(json.dumps({k: str(v) for k, v in made.items()}))
     elif job == "info":
         import torch
 
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
         print(json.dumps({"torch": torch.__version__, "gpu": gpu}))
     elif job == "spot":
-        print(json.dumps(spot_check(Path(args[0]), Path(args[1]))))
+        print(json.dumps(spot_check(Path(args[0]), Path(args[1]), Path(args[2]))))
     elif job == "peft":
         import torch
         import transformers
@@ -244,6 +293,8 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=HERE / "out" / "merge")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--family", choices=("llava", "llava-hf"), default="llava",
+                    help="build an original LLaVA run (default) or a llava-hf one")
     ap.add_argument("--lora", type=Path, help="an existing LoRA run (skips the build)")
     ap.add_argument("--base", type=Path, help="its base model (with --lora)")
     ap.add_argument("--profile", action="store_true", help="phase breakdown of the command")
@@ -254,7 +305,11 @@ def main() -> None:
     a = ap.parse_args()
     if a.child:
         child(a.child[0], a.child[1:])
-        return
+        # Every job ends the way `llava-doctor` does: streams flushed, then no interpreter
+        # teardown (0.3-0.8 s once torch is loaded), so no job is timed for its teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
     me = [sys.executable, str(Path(__file__).resolve()), "--child"]
     if a.lora is not None:
@@ -263,10 +318,12 @@ def main() -> None:
         lora, base = a.lora.resolve(), a.base.resolve()
         extra: list[Path] = []
     else:
-        built = measure(me + ["build", str(a.dir), str(a.layers)])[2]
+        hf = a.family == "llava-hf"
+        root = a.dir.with_name(a.dir.name + "-hf") if hf else a.dir
+        built = measure(me + ["build-hf" if hf else "build", str(root), str(a.layers)])[2]
         paths = {k: Path(v) for k, v in built.items()}
         lora, base = paths["lora"], paths["base"]
-        extra = [paths["pretrain"]]
+        extra = [p for k, p in paths.items() if k not in ("lora", "base")]
     adapter = lora / "adapter_model.safetensors"
     work = a.dir / "runs"
     shutil.rmtree(work, ignore_errors=True)
@@ -309,7 +366,7 @@ def main() -> None:
             print(f"  round {rep + 1}/{a.repeat} {name:<6} {wall:7.2f} s  {cpu:7.2f} s CPU "
                   f"{rss / 1e6:8.0f} MB", file=sys.stderr)
         if spot is None and "peft" in jobs:
-            spot = measure(me + ["spot", str(outs["ours"]), str(outs["peft"])])[2]
+            spot = measure(me + ["spot", str(outs["ours"]), str(outs["peft"]), str(base)])[2]
     report(results, spot, base, adapter, a, measure(me + ["info"])[2])
 
 
@@ -322,8 +379,8 @@ def report(results: dict[str, list[tuple[float, int, float]]], spot: dict | None
     floors = [max(results["cp -r"][i][0], results["B @ A"][i][0]) for i in range(n)]
     floor = max(med["cp -r"], med["B @ A"])
     paired_floor = statistics.median(results["ours"][i][0] / floors[i] for i in range(n))
-    what = (f"built: {a.layers} layers, hidden 2048, intermediate 5504" if a.lora is None
-            else str(base))
+    what = (f"built: {a.family}, {a.layers} layers, hidden 2048, intermediate 5504"
+            if a.lora is None else str(base))
     print(f"\nmerge benchmark: base {dir_bytes(base) / 1e9:.2f} GB ({what}), adapter "
           f"{adapter.stat().st_size / 1e6:.0f} MB; median of {n} rounds, whole processes")
     print(f"machine: {machine()}; GPU: {info.get('gpu')}; torch {info.get('torch')}")
@@ -350,7 +407,7 @@ def report(results: dict[str, list[tuple[float, int, float]]], spot: dict | None
         print(f"{'PASS' if ok else 'MISS'}  {label}: {shown}")
     if spot is not None:
         print(f"spot check, every tensor of ours vs peft's output: {spot['tensors']} tensors "
-              f"({spot['merged']} LoRA-merged), max |difference| {spot['max_diff']:.3g}, "
+              f"({spot['merged']} changed by the merge), max |difference| {spot['max_diff']:.3g}, "
               f"{spot['differing']} differing elements; missing in peft's: {spot['missing']}")
 
 
@@ -387,8 +444,10 @@ def profile(me: list[str], lora: Path, base: Path, work: Path, repeat: int,
     print("| whole command | " + " | ".join(f"{totals[n]:.2f} | " for n in trees) + "|")
 
 
-def spot_check(ours: Path, peft_out: Path) -> dict:
-    """Every tensor of our output against peft's (as float32): the largest difference."""
+def spot_check(ours: Path, peft_out: Path, base: Path) -> dict:
+    """Every tensor of our output against peft's (as float32): the largest difference; and how
+    many of them the merge changed (differ from the base's tensor of that name)."""
+    import torch
     from safetensors import safe_open
 
     def tensors(d: Path) -> dict[str, Path]:
@@ -398,23 +457,36 @@ def spot_check(ours: Path, peft_out: Path) -> dict:
         with safe_open(str(d / "model.safetensors"), framework="pt") as f:
             return {k: d / "model.safetensors" for k in f.keys()}  # noqa: SIM118
 
-    mine, theirs = tensors(ours), tensors(peft_out)
+    def by_canonical_name(files: dict[str, Path]) -> dict[str, tuple[str, Path]]:
+        # llava-hf outputs: peft saves in its transformers' layout, we in the canonical one.
+        from llava_doctor.artifacts.hf_layout import detect_layout, to_canonical
+
+        layout = detect_layout(files)
+        return {(to_canonical(k, layout) if layout is not None else k): (k, p)
+                for k, p in files.items()}
+
+    mine, theirs = by_canonical_name(tensors(ours)), by_canonical_name(tensors(peft_out))
+    based = by_canonical_name(tensors(base))
     adapter_keys = set()
     worst, differing, merged = 0.0, 0, 0
-    for name, path in sorted(mine.items()):
+    for name, (key, path) in sorted(mine.items()):
         if name not in theirs:
             continue
         with safe_open(str(path), framework="pt") as f:
-            a = f.get_tensor(name)
-        with safe_open(str(theirs[name]), framework="pt") as f:
-            b = f.get_tensor(name)
+            a = f.get_tensor(key)
+        their_key, their_path = theirs[name]
+        with safe_open(str(their_path), framework="pt") as f:
+            b = f.get_tensor(their_key)
         if a.shape != b.shape:
             worst = float("inf")
             continue
         d = (a.float() - b.float()).abs()
         worst = max(worst, float(d.max())) if d.numel() else worst
         differing += int((d != 0).sum())
-        merged += name.endswith("proj.weight") and "layers." in name
+        if name in based:
+            base_key, base_path = based[name]
+            with safe_open(str(base_path), framework="pt") as f:
+                merged += not torch.equal(a, f.get_tensor(base_key))
         adapter_keys.add(name)
     missing = sorted(set(mine) - set(theirs))
     return {"tensors": len(adapter_keys), "merged": merged, "max_diff": worst,
