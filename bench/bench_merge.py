@@ -14,6 +14,7 @@ the machine's load of that moment):
   cp -r  copy of the base directory: the I/O floor (read and write every byte once)
   B @ A  a process that imports torch, loads the adapter and computes every module's float32
          B @ A: the compute floor
+  (--no-verify-job) the command with --no-verify: what the verification costs
 
 Every job is timed the same way, as /usr/bin/time would: wall clock from spawn to exit, and the
 peak RSS of that process (ru_maxrss from os.wait4, by a parent that never imports torch, since
@@ -26,11 +27,17 @@ machine). A spot check compares every tensor of our output with peft's.
 command (interpreter start, imports, checks, plan, merge loop, side files, verification),
 median over --repeat runs.
 
-Other runs (a llava-hf merge once the planner exists, a real model): --lora DIR --base DIR
-skip the build; the peft job loads the base with the class its config.json names.
+--family llava-hf builds and measures a llava-hf run of the same scale instead (written by
+transformers and peft: `LlavaForConditionalGeneration` + a peft adapter); other runs (a real
+model): --lora DIR --base DIR skip the build. The peft job loads the base with the class its
+config.json names.
+
+Every Python job (ours included) ends with os._exit once its output is flushed, so no job is
+timed for interpreter teardown (0.3-0.8 s once torch is loaded).
 
 Usage: python bench/bench_merge.py [--dir bench/out/merge] [--repeat 5] [--layers 8]
-                                   [--lora DIR --base DIR] [--profile] [--skip-peft]
+                                   [--family llava|llava-hf] [--lora DIR --base DIR]
+                                   [--profile] [--skip-peft] [--no-verify-job] [--before SRC]
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 
@@ -203,12 +211,34 @@ def phases(lora: str, base: str, out: str) -> None:
     from llava_doctor.merge import stream
 
     executor_run = stream.Executor.run
+    side: dict[str, float] = {}
 
     def run(self: stream.Executor) -> dict[str, str]:
-        mark("import torch (first thing the executor does)")
+        mark("executor set-up (threads, buffers; the torch import starts)")
         return executor_run(self)
 
     stream.Executor.run = run  # type: ignore[method-assign]
+    importer = getattr(stream, "_TorchImport", None)  # not in older trees
+    if importer is not None:
+        import_run, compute = importer.run, stream.Executor._compute
+
+        def timed_import(self: Any) -> None:
+            t0 = time.monotonic()
+            import_run(self)
+            side["  within the loop: torch import on its own thread"] = time.monotonic() - t0
+
+        def timed_compute(self: stream.Executor, ctx: Any) -> Any:
+            if ctx.computer is not None:
+                return compute(self, ctx)
+            t0 = time.monotonic()
+            try:
+                return compute(self, ctx)
+            finally:
+                side["  within the loop: waiting for torch at the first merged block"] = (
+                    time.monotonic() - t0)
+
+        importer.run = timed_import
+        stream.Executor._compute = timed_compute  # type: ignore[method-assign]
     names = {"checks": "checks before the merge", "plan": "planning from headers",
              "write": "merge loop (read, compute, write, read back, hash, fsync)",
              "finalize": "side files (index, config, generation config, tokenizer)",
@@ -226,7 +256,7 @@ def phases(lora: str, base: str, out: str) -> None:
     merge_cmd.render_summary(r, Path(lora))
     mark("end")
     rows = [(name, t2 - t) for (name, t), (_, t2) in zip(marks, marks[1:], strict=False)]
-    print(json.dumps({"phases": rows}))
+    print(json.dumps({"phases": rows, "side": side}))
 
 
 def measure(cmd: list[str], src: Path | None = None) -> tuple[float, int, dict, float]:
@@ -299,6 +329,9 @@ def main() -> None:
     ap.add_argument("--base", type=Path, help="its base model (with --lora)")
     ap.add_argument("--profile", action="store_true", help="phase breakdown of the command")
     ap.add_argument("--skip-peft", action="store_true", help="leave out the peft job")
+    ap.add_argument("--no-verify-job", action="store_true",
+                    help="also run the command with --no-verify (no read-back, no sampled "
+                         "recomputation; the sha256 stays): what verification costs")
     ap.add_argument("--before", type=Path, help="another llava_doctor source tree (a src/ "
                     "dir, e.g. from `git archive`) to run in the same rounds as 'before'")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -348,6 +381,10 @@ def main() -> None:
         outs["before"] = work / "llava-bench-before"
         jobs["before"] = [*jobs["ours"][:-2], str(outs["before"]), "--quiet"]
         srcs["before"] = a.before.resolve()
+    if a.no_verify_job:
+        outs["ours --no-verify"] = work / "llava-bench-unverified"
+        jobs["ours --no-verify"] = [*jobs["ours"][:-2], str(outs["ours --no-verify"]),
+                                    "--quiet", "--no-verify"]
     if a.skip_peft:
         del jobs["peft"]
     names = list(jobs)
@@ -417,6 +454,7 @@ def profile(me: list[str], lora: Path, base: Path, work: Path, repeat: int,
     if before is not None:
         trees = {"before": before.resolve(), "now": None}
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
+    sides: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
     print(f"machine: {machine()}", file=sys.stderr)
     for rep in range(repeat):
         order = list(trees.items())
@@ -427,6 +465,7 @@ def profile(me: list[str], lora: Path, base: Path, work: Path, repeat: int,
             settle()
             wall, _, info, _ = measure(me + ["phases", str(lora), str(base), str(out)], src)
             runs[name].append(dict(info["phases"]))
+            sides[name].append(info.get("side", {}))
             print(f"  round {rep + 1}/{repeat} {name}: {wall:.2f} s", file=sys.stderr)
     skip = "(bench harness imports, not counted)"
     labels: list[str] = []
@@ -442,6 +481,11 @@ def profile(me: list[str], lora: Path, base: Path, work: Path, repeat: int,
         print(f"| {k} | " + " | ".join(f"{meds[n][k]:.2f} | {meds[n][k] / totals[n]:.0%}"
                                       for n in trees) + " |")
     print("| whole command | " + " | ".join(f"{totals[n]:.2f} | " for n in trees) + "|")
+    side_labels = sorted({k for rs in sides.values() for r in rs for k in r})
+    for k in side_labels:  # parts of a phase above, overlapped with other work: not summed
+        print(f"| {k} | " + " | ".join(
+            (f"{statistics.median(r.get(k, 0.0) for r in sides[n]):.2f} | (in the loop)")
+            for n in trees) + " |")
 
 
 def spot_check(ours: Path, peft_out: Path, base: Path) -> dict:
