@@ -448,51 +448,6 @@ merge(sys.argv[1], sys.argv[2], sys.argv[3], device="cpu")
     assert got.stdout.strip() == "False"
 
 
-_FRESH_MERGE = """
-import json, sys
-from pathlib import Path
-if sys.argv[4] == "block":  # torch cannot be imported at all
-    class Block:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch":
-                raise ImportError("torch blocked by the test")
-            return None
-    sys.meta_path.insert(0, Block())
-from llava_doctor.merge import merge
-interval = sys.getswitchinterval()
-r = merge(sys.argv[1], sys.argv[2], sys.argv[3], device="cpu", durable=False)
-print(json.dumps({"files": r.files, "interval": sys.getswitchinterval() == interval}))
-"""
-
-
-def test_a_fresh_process_imports_torch_beside_the_first_copies(world: dict[str, Path],
-                                                               tmp_path: Path) -> None:
-    """Started without torch, the executor imports it on a thread of its own while the plain
-    copies are written: same bytes as a merge with torch already loaded, the GIL switch
-    interval put back; and when torch cannot be imported the merge fails cleanly."""
-    import subprocess
-    import sys
-
-    fresh = subprocess.run([sys.executable, "-c", _FRESH_MERGE, str(world["lora"]),
-                            str(world["base"]), str(tmp_path / "fresh-merged"), "run"],
-                           capture_output=True, text=True, timeout=300)
-    assert fresh.returncode == 0, fresh.stderr
-    got = json.loads(fresh.stdout.strip().splitlines()[-1])
-    assert got["interval"] is True
-    from llava_doctor.merge import merge
-
-    here = merge(world["lora"], world["base"], tmp_path / "here-merged", device="cpu",
-                 durable=False)
-    assert got["files"] == here.files  # every shard's sha256: the same bytes
-
-    blocked = subprocess.run([sys.executable, "-c", _FRESH_MERGE, str(world["lora"]),
-                              str(world["base"]), str(tmp_path / "blocked-merged"), "block"],
-                             capture_output=True, text=True, timeout=300)
-    assert blocked.returncode != 0
-    assert "torch blocked by the test" in blocked.stderr
-    assert not list(tmp_path.glob("blocked-merged*"))  # no output, no partial dir
-
-
 @pytest.mark.parametrize("files,quota", [
     ({"cpu.max": "max 100000\n"}, None),
     ({"cpu.max": "150000 100000\n"}, 1.5),

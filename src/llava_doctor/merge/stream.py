@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import queue
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,29 +58,32 @@ Observer = Callable[[MergeEvent], None]
 
 
 class _Pool:
-    """Reusable byte buffers made by ``make(nbytes)`` (1-d uint8 numpy arrays or torch
-    tensors); a block larger than the pool's size gets its own."""
+    """Reusable output buffers; a block larger than the pool's size gets its own."""
 
     def __init__(self, count: int, nbytes: int, alive: Callable[[], None],
-                 make: Callable[[int], Any]):
+                 pinned: bool = False):
+        import torch
+
         self.nbytes = nbytes
         self._alive = alive
-        self._make = make
+        self._pinned = pinned
         self._free: queue.Queue[Any] = queue.Queue()
         for _ in range(count):
-            self._free.put(make(nbytes))
+            self._free.put(torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned))
 
-    def take(self, nbytes: int) -> Any:
+    def take(self, nbytes: int) -> torch.Tensor:
+        import torch
+
         if nbytes > self.nbytes:
-            return self._make(nbytes)
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._pinned)
         while True:
             try:
                 return self._free.get(timeout=0.2)
             except queue.Empty:
                 self._alive()  # the writer died: stop waiting for buffers it will never return
 
-    def give(self, buf: Any) -> None:
-        if buf.shape[0] == self.nbytes:
+    def give(self, buf: torch.Tensor) -> None:
+        if buf.numel() == self.nbytes:
             self._free.put(buf)
 
 
@@ -196,56 +198,6 @@ class _Computer:
             th.join(timeout=30)
 
 
-# GIL switch interval while torch is imported on a thread of its own (`_TorchImport`).
-IMPORT_SWITCH_INTERVAL = 0.0005
-
-
-class _TorchImport(threading.Thread):
-    """``import torch`` on a thread of its own, started when the executor starts.
-
-    The import takes 1.3-1.5 s of one core (2-core bench machine) and the output usually begins
-    with plain copies (lm_head and the embeddings: a quarter of a 1 GB model) that need no
-    torch: the writer and hasher threads copy, read back and hash them meanwhile, on the core
-    the import leaves idle. They drop the GIL for every read, write, memcmp and hash, and need
-    it back after each; the import holds it otherwise, so the switch interval is lowered to
-    half a millisecond until the import is done (at the default 5 ms they waited most of the
-    time: the previous attempt, bench/merge.md). numpy is imported before the thread starts, so
-    no module is being imported by two threads at once.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(name="llava-doctor-import-torch")
-        self.error: BaseException | None = None
-        self._interval = sys.getswitchinterval()
-
-    @classmethod
-    def begin(cls) -> _TorchImport | None:
-        """Start the import; None when torch is already imported."""
-        if "torch" in sys.modules:
-            return None
-        th = cls()
-        sys.setswitchinterval(IMPORT_SWITCH_INTERVAL)
-        th.start()
-        return th
-
-    def run(self) -> None:
-        try:
-            import torch  # noqa: F401
-        except BaseException as e:  # re-raised by wait(), in the caller's thread
-            self.error = e
-
-    def finish(self) -> None:
-        """Until the import is over; restores the switch interval."""
-        self.join()
-        sys.setswitchinterval(self._interval)
-
-    def wait(self) -> None:
-        """`finish`, then raise the import's error if it failed."""
-        self.finish()
-        if self.error is not None:
-            raise self.error
-
-
 @dataclass
 class _Ctx:
     """What the executor's per-tensor code hands blocks to."""
@@ -253,13 +205,10 @@ class _Ctx:
     sw: ShardWriter
     sources: SourcePool
     writer: _Stage
-    pool: _Pool          # output buffers, numpy (returned by the hasher)
+    pool: _Pool          # output buffers (returned by the hasher)
+    inputs: _Pool        # input bytes of blocks in flight (returned by the compute workers)
+    computer: _Computer
     alive: Callable[[], None]
-    importer: _TorchImport | None
-    # Made by `Executor._compute` at the first block that needs torch:
-    inputs: _Pool | None = None     # input bytes of blocks in flight (the workers return them)
-    computer: _Computer | None = None
-    threads: int | None = None      # torch's thread count before the merge, to restore
 
 
 def _memcmp() -> Callable[..., int] | None:
@@ -467,9 +416,8 @@ class Executor:
         sha256 of the file as read back, which is the written bytes' sha256 since both are the
         same bytes. `verify.verify_output` compares the two.
         """
-        import numpy as np
+        import torch
 
-        importer = _TorchImport.begin()
         sources = SourcePool(self.plan)
         hashes: dict[str, str] = {}
         readers: dict[str, _ReadBack] = {}
@@ -480,8 +428,7 @@ class Executor:
             for st in stages:
                 st.check()
 
-        pool = _Pool(QUEUE_DEPTH * 2 + 2, BLOCK_ELEMS * 4, alive,
-                     lambda n: np.empty(n, dtype=np.uint8))
+        pool = _Pool(QUEUE_DEPTH * 2 + 2, BLOCK_ELEMS * 4, alive)
 
         # Three threads: this one reads and computes; `writer` pwrites blocks in order, reads
         # each back and compares it, and fsyncs finished shards; `hasher` feeds the blocks to
@@ -495,7 +442,7 @@ class Executor:
                 offset, buf, nbytes, copy_from, task = rest
                 if task is not None:
                     task.wait(alive)  # the compute workers fill blocks out of order
-                data = memoryview(buf)[:nbytes]
+                data = byte_view(buf)[:nbytes]
                 if copy_from is not None:
                     # A plain copy: read here, so the compute thread goes on to the next
                     # tensor meanwhile (an embedding matrix is a quarter of a small model).
@@ -529,7 +476,7 @@ class Executor:
             kind, sw, *rest = item
             if kind == "block":
                 _, buf, nbytes, _, _ = rest
-                sw.hash(memoryview(buf)[:nbytes])
+                sw.hash(byte_view(buf)[:nbytes])
                 pool.give(buf)
             elif kind == "finish":
                 hashes[sw.path.name] = sw.digest()
@@ -546,8 +493,21 @@ class Executor:
         bytes_total = self.plan.total_size
         done = 0
         bytes_done = 0
-        ctx = _Ctx(sw=None, sources=sources, writer=writer, pool=pool, alive=alive,  # type: ignore[arg-type]
-                   importer=importer)
+        cuda = self.device.startswith("cuda")
+        plain_cpu = self.device == "cpu"
+        # Input bytes of blocks in flight, reused (a fresh 4 MB allocation per block costs page
+        # faults that show up in the profile); pinned, so host-to-GPU copies run asynchronously.
+        workers = compute_workers() if plain_cpu else 1
+        inputs = _Pool(QUEUE_DEPTH + workers + 1, BLOCK_ELEMS * 4, alive, pinned=cuda)
+        # Each worker owns a float32 scratch block on the plain "cpu" device. Any other device
+        # (cuda:N; "cpu:0" in the tests, which runs this same device path on the CPU) gets each
+        # block with `.to(device, float32)`, from one worker that feeds it.
+        computer = _Computer(workers, BLOCK_ELEMS if plain_cpu else 0)
+        threads = torch.get_num_threads()
+        if not cuda:
+            torch.set_num_threads(1)  # per worker: the workers are the parallelism
+        ctx = _Ctx(sw=None, sources=sources, writer=writer, pool=pool, inputs=inputs,  # type: ignore[arg-type]
+                   computer=computer, alive=alive)
         try:
             self._emit(phase="write", done=0, total=total, bytes_total=bytes_total)
             for shard in self.plan.shards:
@@ -564,16 +524,14 @@ class Executor:
                     self._emit(phase="write", done=done, total=total, bytes_done=bytes_done,
                                bytes_total=bytes_total, tensor=t.name)
                 writer.put(("finish", sw))
-            if ctx.computer is not None:
-                ctx.computer.close()
+            computer.close()
             writer.put(None)
             writer.join()
             hasher.join()
             alive()
             return hashes
         except BaseException:
-            if ctx.computer is not None:
-                ctx.computer.close(abort=True)
+            computer.close(abort=True)
             writer.error = writer.error or RuntimeError("aborted")
             hasher.error = hasher.error or RuntimeError("aborted")
             writer.put(None)
@@ -588,37 +546,7 @@ class Executor:
             sources.close()
             for fd in copy_fds.values():
                 os.close(fd)
-            if importer is not None:
-                importer.finish()  # even after a failure: no import left running behind us
-            if ctx.threads is not None:
-                import torch
-
-                torch.set_num_threads(ctx.threads)
-
-    def _compute(self, ctx: _Ctx) -> _Computer:
-        """The compute workers, started at the first block that needs torch (its import,
-        begun with the executor, is waited for here)."""
-        if ctx.computer is not None:
-            return ctx.computer
-        if ctx.importer is not None:
-            ctx.importer.wait()
-        import torch
-
-        cuda = self.device.startswith("cuda")
-        plain_cpu = self.device == "cpu"
-        workers = compute_workers() if plain_cpu else 1
-        # Input bytes of blocks in flight, reused (a fresh 4 MB allocation per block costs page
-        # faults that show up in the profile); pinned, so host-to-GPU copies run asynchronously.
-        ctx.inputs = _Pool(QUEUE_DEPTH + workers + 1, BLOCK_ELEMS * 4, ctx.alive,
-                           lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=cuda))
-        ctx.threads = torch.get_num_threads()
-        if not cuda:
-            torch.set_num_threads(1)  # per worker: the workers are the parallelism
-        # Each worker owns a float32 scratch block on the plain "cpu" device. Any other device
-        # (cuda:N; "cpu:0" in the tests, which runs this same device path on the CPU) gets each
-        # block with `.to(device, float32)`, from one worker that feeds it.
-        ctx.computer = _Computer(workers, BLOCK_ELEMS if plain_cpu else 0)
-        return ctx.computer
+            torch.set_num_threads(threads)
 
     # --- one tensor ---------------------------------------------------------------------------
     def _tensor(self, t: PlannedTensor, shard: PlannedShard, ctx: _Ctx) -> None:
@@ -666,9 +594,6 @@ class Executor:
                 rows: int, step: int, base_offset: int) -> None:
         """Read the tensor block by block (this thread), merge and cast each block into a pool
         buffer (a compute worker), and queue it for the writer in file order."""
-        computer = self._compute(ctx)
-        inputs = ctx.inputs
-        assert inputs is not None
         import torch
 
         info = t.source.info
@@ -695,11 +620,11 @@ class Executor:
             if whole is not None:
                 x = whole[start:stop] if len(t.shape) >= 2 else whole
             else:
-                in_buf = inputs.take(n_in)
+                in_buf = ctx.inputs.take(n_in)
                 if n_in:
                     src.read_into(t.source.key, start, stop - start, byte_view(in_buf)[:n_in])
                 x = in_buf[:n_in].view(in_dt).view(block_shape)
-            out_view = torch.from_numpy(out_buf[:n_out]).view(out_dt).view(block_shape)
+            out_view = out_buf[:n_out].view(out_dt).view(block_shape)
 
             def merge_block(work: torch.Tensor | None, x: torch.Tensor = x,
                             out_view: torch.Tensor = out_view, in_buf: Any = in_buf,
@@ -727,10 +652,10 @@ class Executor:
                         raise self._overflow(t)
                 finally:
                     if in_buf is not None:
-                        inputs.give(in_buf)  # the input bytes are no longer needed
+                        ctx.inputs.give(in_buf)  # the input bytes are no longer needed
 
             task = _Task(merge_block)
-            computer.submit(task, ctx.alive)
+            ctx.computer.submit(task, ctx.alive)
             ctx.writer.put(("block", ctx.sw, base_offset + start * out_row, out_buf, n_out,
                             None, task))
 
@@ -742,9 +667,6 @@ class Executor:
         """
 
         from llava_doctor.merge.padding import mean_row
-
-        self._compute(ctx)  # torch, imported
-        import torch
 
         src = ctx.sources.get(t.source.file, t.source.origin)
         key = t.source.key
@@ -760,8 +682,7 @@ class Executor:
             stop = min(t.shape[0], start + step)
             n_out = (stop - start) * out_row
             out_buf = ctx.pool.take(n_out)
-            out_view = torch.from_numpy(out_buf[:n_out]).view(out_dt).view(
-                (stop - start, *t.shape[1:]))
+            out_view = out_buf[:n_out].view(out_dt).view((stop - start, *t.shape[1:]))
             if start < in_rows:
                 own = min(stop, in_rows)
                 x = src.rows(key, start, own)
