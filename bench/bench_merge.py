@@ -18,8 +18,9 @@ the machine's load of that moment):
 
 Every job is timed the same way, as /usr/bin/time would: wall clock from spawn to exit, and the
 peak RSS of that process (ru_maxrss from os.wait4, by a parent that never imports torch, since
-a child's ru_maxrss starts from its parent's RSS at fork). Inputs are in the page cache; `sync`
-runs before each job so one job's write-back does not land on the next. Reported: medians over
+a child's ru_maxrss starts from its parent's RSS at fork). Before each job: `sync` (so one job's
+write-back does not land on the next), a second's pause, and the inputs read once more (so
+they are in the page cache). Reported: medians over
 the rounds, and the median of the per-round ratios (the paired figure, steadier on a shared
 machine). A spot check compares every tensor of our output with peft's.
 
@@ -53,7 +54,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 HERE = Path(__file__).resolve().parent
 
@@ -211,34 +211,12 @@ def phases(lora: str, base: str, out: str) -> None:
     from llava_doctor.merge import stream
 
     executor_run = stream.Executor.run
-    side: dict[str, float] = {}
 
     def run(self: stream.Executor) -> dict[str, str]:
-        mark("executor set-up (threads, buffers; the torch import starts)")
+        mark("import torch (first thing the executor does)")
         return executor_run(self)
 
     stream.Executor.run = run  # type: ignore[method-assign]
-    importer = getattr(stream, "_TorchImport", None)  # not in older trees
-    if importer is not None:
-        import_run, compute = importer.run, stream.Executor._compute
-
-        def timed_import(self: Any) -> None:
-            t0 = time.monotonic()
-            import_run(self)
-            side["  within the loop: torch import on its own thread"] = time.monotonic() - t0
-
-        def timed_compute(self: stream.Executor, ctx: Any) -> Any:
-            if ctx.computer is not None:
-                return compute(self, ctx)
-            t0 = time.monotonic()
-            try:
-                return compute(self, ctx)
-            finally:
-                side["  within the loop: waiting for torch at the first merged block"] = (
-                    time.monotonic() - t0)
-
-        importer.run = timed_import
-        stream.Executor._compute = timed_compute  # type: ignore[method-assign]
     names = {"checks": "checks before the merge", "plan": "planning from headers",
              "write": "merge loop (read, compute, write, read back, hash, fsync)",
              "finalize": "side files (index, config, generation config, tokenizer)",
@@ -256,7 +234,7 @@ def phases(lora: str, base: str, out: str) -> None:
     merge_cmd.render_summary(r, Path(lora))
     mark("end")
     rows = [(name, t2 - t) for (name, t), (_, t2) in zip(marks, marks[1:], strict=False)]
-    print(json.dumps({"phases": rows, "side": side}))
+    print(json.dumps({"phases": rows}))
 
 
 def measure(cmd: list[str], src: Path | None = None) -> tuple[float, int, dict, float]:
@@ -301,9 +279,14 @@ def measure(cmd: list[str], src: Path | None = None) -> tuple[float, int, dict, 
     return wall, usage.ru_maxrss * 1024, info, usage.ru_utime + usage.ru_stime
 
 
-def settle() -> None:
+def settle(inputs: list[Path]) -> None:
+    """Before each job: earlier writes flushed, a second's pause, then every input read once
+    more, so each job starts with its inputs in the page cache. The bench VM runs DAMON's
+    `pageout` scheme (cold memory reclaimed, up to 128 MB/s): left idle, the base drifted out of
+    the cache between jobs, and only the jobs that read it (ours, cp -r, peft; not B @ A) paid."""
     os.sync()
     time.sleep(1.0)
+    warm(inputs)
 
 
 def machine() -> str:
@@ -397,7 +380,7 @@ def main() -> None:
         order = list(names)
         random.Random(rep).shuffle(order)  # each round its own order and neighbours
         for name in order:
-            settle()
+            settle([base, lora, *extra])
             wall, rss, _, cpu = measure(jobs[name], srcs.get(name))
             results[name].append((wall, rss, cpu))
             print(f"  round {rep + 1}/{a.repeat} {name:<6} {wall:7.2f} s  {cpu:7.2f} s CPU "
@@ -454,7 +437,6 @@ def profile(me: list[str], lora: Path, base: Path, work: Path, repeat: int,
     if before is not None:
         trees = {"before": before.resolve(), "now": None}
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
-    sides: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
     print(f"machine: {machine()}", file=sys.stderr)
     for rep in range(repeat):
         order = list(trees.items())
@@ -462,10 +444,9 @@ def profile(me: list[str], lora: Path, base: Path, work: Path, repeat: int,
         for name, src in order:  # paired: both trees in each round, in turn first
             out = work / "llava-bench-profile"
             shutil.rmtree(out, ignore_errors=True)
-            settle()
+            settle([base, lora])
             wall, _, info, _ = measure(me + ["phases", str(lora), str(base), str(out)], src)
             runs[name].append(dict(info["phases"]))
-            sides[name].append(info.get("side", {}))
             print(f"  round {rep + 1}/{repeat} {name}: {wall:.2f} s", file=sys.stderr)
     skip = "(bench harness imports, not counted)"
     labels: list[str] = []
@@ -481,11 +462,6 @@ def profile(me: list[str], lora: Path, base: Path, work: Path, repeat: int,
         print(f"| {k} | " + " | ".join(f"{meds[n][k]:.2f} | {meds[n][k] / totals[n]:.0%}"
                                       for n in trees) + " |")
     print("| whole command | " + " | ".join(f"{totals[n]:.2f} | " for n in trees) + "|")
-    side_labels = sorted({k for rs in sides.values() for r in rs for k in r})
-    for k in side_labels:  # parts of a phase above, overlapped with other work: not summed
-        print(f"| {k} | " + " | ".join(
-            (f"{statistics.median(r.get(k, 0.0) for r in sides[n]):.2f} | (in the loop)")
-            for n in trees) + " |")
 
 
 def spot_check(ours: Path, peft_out: Path, base: Path) -> dict:
