@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import Enum
 from typing import Any
 
@@ -172,6 +173,14 @@ class RunVersions(_Frozen):
                                      "quantization_config in the run's or the base's config")
 
 
+def count_by_severity(findings: Iterable[Finding]) -> dict[str, int]:
+    """Findings per severity, every severity present (0 when none): the reports' `counts`."""
+    out = {s.value: 0 for s in Severity}
+    for f in findings:
+        out[f.severity.value] += 1
+    return out
+
+
 class EnvReport(_Frozen):
     """`llava-doctor env`: the environment a merge would run in, and what the runs need."""
 
@@ -196,10 +205,7 @@ class EnvReport(_Frozen):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def counts(self) -> dict[str, int]:
-        out = {s.value: 0 for s in Severity}
-        for f in self.findings:
-            out[f.severity.value] += 1
-        return out
+        return count_by_severity(self.findings)
 
     def package(self, name: str) -> PackageStatus | None:
         return next((p for p in self.packages if p.name == name), None)
@@ -226,10 +232,7 @@ class Report(_Frozen):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def counts(self) -> dict[str, int]:
-        out = {s.value: 0 for s in Severity}
-        for f in self.findings:
-            out[f.severity.value] += 1
-        return out
+        return count_by_severity(self.findings)
 
     def consumer_label(self) -> str:
         """"severities for: ..." text, the same in every renderer."""
