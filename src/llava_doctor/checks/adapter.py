@@ -267,6 +267,14 @@ def module_set(ctx: Context) -> ModuleSet | None:
     return None
 
 
+def require_module_set(ctx: Context) -> ModuleSet:
+    """`module_set`, or the check is skipped with the reason."""
+    mods = module_set(ctx)
+    if mods is None:
+        raise Skip("no base model resolved and config.json describes no Llama layout")
+    return mods
+
+
 def _target_version(ctx: Context) -> str | None:
     v = ctx.options.peft_version
     if v is None:
@@ -580,9 +588,7 @@ def target_modules_missing(ctx: Context) -> Iterable[Hit]:
     raw = ctx.adapter_config_raw or {}
     if cfg.target_modules is None and raw.get("target_parameters"):
         raise Skip("the adapter targets parameters, not modules (see LD206)")
-    mods = module_set(ctx)
-    if mods is None:
-        raise Skip("no base model resolved and config.json describes no Llama layout")
+    mods = require_module_set(ctx)
     path = ctx.file("adapter_config.json")
     if cfg.target_modules is None:
         yield Hit(f"{path} has no target_modules: peft falls back to its per-architecture "
@@ -683,9 +689,7 @@ def adapter_shape_mismatch(ctx: Context) -> Iterable[Hit]:
     ad = ctx.adapter
     if ad is None:
         raise Skip("no readable adapter file")
-    mods = module_set(ctx)
-    if mods is None:
-        raise Skip("no base model resolved and config.json describes no Llama layout")
+    mods = require_module_set(ctx)
     cfg = ctx.adapter_config
     version = _target_version(ctx)
     ev = pattern_eval(ctx)
@@ -1143,9 +1147,7 @@ def adapter_keys_unmatched(ctx: Context) -> Iterable[Hit]:
     ad = ctx.adapter
     if ad is None:
         raise Skip("no readable adapter file")
-    mods = module_set(ctx)
-    if mods is None:
-        raise Skip("no base model resolved and config.json describes no Llama layout")
+    mods = require_module_set(ctx)
     cfg = ctx.adapter_config
     ev = pattern_eval(ctx)
     _skip_if_blocked(ev, TARGETING_FIELDS)
