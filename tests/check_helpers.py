@@ -8,7 +8,7 @@ from typing import Any
 
 from llava_doctor.checks.context import Options
 from llava_doctor.doctor import run_checks
-from llava_doctor.models import Finding
+from llava_doctor.models import Finding, Report
 
 
 def found(path: Path, code: str, **opts: Any) -> list[Finding]:
@@ -23,6 +23,15 @@ def one(path: Path, code: str, **opts: Any) -> Finding:
     fs = found(path, code, **opts)
     assert len(fs) == 1, fs
     return fs[0]
+
+
+def layout_report(scenarios: dict[str, Path], targets: tuple[str, ...]) -> Report:
+    """The LD1 (layout) findings on some scenario runs, against the vicuna base and the stage-1
+    projector: what the report renderers' tests render (the layout findings do not depend on
+    the value checks other modules add)."""
+    opts = Options(base=scenarios["base-vicuna"],
+                   projector=scenarios["pretrain"] / "mm_projector.bin")
+    return run_checks([scenarios[t] for t in targets], opts, select=["LD1"])
 
 
 def edit_json(path: Path, **changes: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from check_helpers import layout_report
 from junitparser import Error, Failure, JUnitXml, Skipped
 
 from llava_doctor.checks.context import Options
@@ -30,9 +31,7 @@ def root(scenarios: dict[str, Path]) -> Path:
 
 @pytest.fixture(scope="module")
 def report(scenarios: dict[str, Path]) -> Report:
-    opts = Options(base=scenarios["base-vicuna"],
-                   projector=scenarios["pretrain"] / "mm_projector.bin")
-    return run_checks([scenarios[t] for t in TARGETS], opts, select=["LD1"])
+    return layout_report(scenarios, TARGETS)
 
 
 def _parse(text: str) -> JUnitXml:

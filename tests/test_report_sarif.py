@@ -8,9 +8,9 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from check_helpers import layout_report
 
 from llava_doctor.checks.base import all_checks
-from llava_doctor.checks.context import Options
 from llava_doctor.doctor import run_checks
 from llava_doctor.models import Consumer, Finding, Report, Severity, TargetResult
 from llava_doctor.report.locate import json_key_lines
@@ -29,11 +29,7 @@ def root(scenarios: dict[str, Path]) -> Path:
 
 @pytest.fixture(scope="module")
 def report(scenarios: dict[str, Path]) -> Report:
-    # LD1 only: the layout checks are what these assertions are about, and their findings
-    # do not depend on the value checks other modules add.
-    opts = Options(base=scenarios["base-vicuna"],
-                   projector=scenarios["pretrain"] / "mm_projector.bin")
-    return run_checks([scenarios[t] for t in TARGETS], opts, select=["LD1"])
+    return layout_report(scenarios, TARGETS)
 
 
 @pytest.fixture(scope="module")
