@@ -66,6 +66,13 @@ EXPECTED: dict[str, tuple[str, str, str]] = {
     "LD504": (E, E, E),  # an LFS pointer, not the weights
     "LD601": (E, E, E),  # the merged model does not fit the disk
     "LD602": (N, N, N),  # a memory estimate
+    # The environment (LD9xx): what LLaVA's merge imports and needs, ours does not.
+    "LD901": (E, N, N),  # a broken llava import stops LLaVA's scripts; ours and peft's skip llava
+    "LD902": (W, N, N),  # llava's pins: only LLaVA's code runs against them
+    "LD903": (W, N, W),  # bitsandbytes for a quantized config: transformers' loaders need it
+    "LD904": (W, N, N),  # a CUDA build without a GPU: LLaVA's scripts default to device='cuda'
+    "LD905": (W, N, W),  # peft < 0.6 on CPU in float16: LLaVA's and peft's merges use that peft
+    "LD906": (N, N, N),  # a probe that did not answer
 }
 # Codes other helpers add in parallel (issues 11-14, 17-18) pin their own severities.
 OTHER_ISSUES = re.compile(r"^LD(21[01]|[789]\d\d)$")
@@ -84,7 +91,8 @@ def test_severity_of_every_code_for_every_consumer(code: str, consumer: Consumer
 
 def test_every_code_of_this_issue_is_pinned() -> None:
     mine = {c for c in all_checks() if not OTHER_ISSUES.match(c)}
-    assert mine == set(EXPECTED), "pin the new code's severity per consumer in EXPECTED"
+    assert mine <= set(EXPECTED) <= set(all_checks()), (
+        "pin the new code's severity per consumer in EXPECTED")
     for spec in all_checks().values():
         assert set(spec.severities) == set(Consumer), spec.code
 

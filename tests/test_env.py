@@ -17,11 +17,12 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+import llava_doctor
 from llava_doctor.artifacts import installed, probes
 from llava_doctor.cli import main
 from llava_doctor.commands.schema import env_schema, render_schema, report_schema
 from llava_doctor.envinfo import EnvOptions, adapter_key_layout, gather
-from llava_doctor.models import Gpu
+from llava_doctor.models import Consumer, Gpu
 
 PINNED_ENV = Path(__file__).parent / "data" / "env.schema.json"
 
@@ -378,6 +379,37 @@ def test_env_command_json_validates_and_exit_codes(site: Path, capsys: pytest.Ca
     assert exc.value.code == 0
 
 
+@pytest.mark.parametrize(("merge_with", "want", "exit_code"), [
+    (None, {"LD901": "error", "LD902": "warning", "LD905": "warning"}, 1),
+    ("llava", {"LD901": "error", "LD902": "warning", "LD905": "warning"}, 1),
+    ("llava-doctor", {"LD901": "info", "LD902": "info", "LD905": "info"}, 0),
+    ("peft", {"LD901": "info", "LD902": "info", "LD905": "warning"}, 0),
+])
+def test_env_severities_are_for_the_merge_named(site: Path, merge_with: str | None,
+                                                want: dict[str, str], exit_code: int,
+                                                capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken llava and an old peft matter to LLaVA's merge; llava-doctor's imports neither,
+    peft's merge does not import llava but does compute with that peft."""
+    llava_pkg(site, BROKEN_LLAMA)
+    dist(site, "llava", "1.2.2.post1", ("transformers==4.37.2",))
+    dist(site, "transformers", "4.46.3")
+    monkeypatch.syspath_prepend(str(site))
+    chosen = ["--merge-with", merge_with] if merge_with else []
+    with pytest.raises(SystemExit) as exc:
+        main(["env", "--format", "json", "--gpu", "none", "--peft-version", "0.5.0", *chosen])
+    assert exc.value.code == exit_code
+    out = json.loads(capsys.readouterr().out)
+    assert {f["code"]: f["severity"] for f in out["findings"]} == want
+    assert out["consumer"] == (merge_with or "llava")
+    with pytest.raises(SystemExit):
+        main(["env", "--gpu", "none", "--peft-version", "0.5.0", *chosen])
+    label = Consumer(merge_with or "llava").label
+    assert f"\nseverities for: {label}\nFound " in capsys.readouterr().out
+    api = llava_doctor.env(gpu="none", peft_version="0.5.0", merge_with=merge_with)
+    assert {f.code: f.severity.value for f in api.findings} == want
+
+
 def test_env_command_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     for args, msg in ((["env", "--gpu", "cuda"], "unknown --gpu 'cuda'"),
                       (["env", "--format", "sarif"], "unknown --format 'sarif'"),
@@ -403,13 +435,21 @@ def test_check_env_adds_the_section_and_its_errors_fail(
     monkeypatch.syspath_prepend(str(site))
     with pytest.raises(SystemExit) as exc:
         main(["check", str(run), "--isolated", "--fast", "--format", "json", "--env", *ours])
-    assert exc.value.code == 1
+    # A broken llava install stops LLaVA's merge, not llava-doctor's (which imports no llava).
+    assert exc.value.code == 0
     report = json.loads(capsys.readouterr().out)
     assert not list(jsonschema.Draft202012Validator(report_schema()).iter_errors(report))
-    # The target has no error (LD404, LD602 are info for llava-doctor merge) ...
-    assert [f["code"] for f in report["findings"]] == ["LD404", "LD602"]
-    assert [f["code"] for f in report["env"]["findings"]] == ["LD901"]  # ... the env is not
+    assert [f["code"] for f in report["findings"]] == ["LD404", "LD602"]  # info for ours
+    assert [(f["code"], f["severity"]) for f in report["env"]["findings"]] == [("LD901", "info")]
+    assert report["env"]["consumer"] == "llava-doctor"
     assert [r["path"] for r in report["env"]["runs"]] == [str(run)]
+    with pytest.raises(SystemExit) as exc:  # for LLaVA's own merge (the default) it is an error
+        main(["check", str(run), "--isolated", "--fast", "--format", "json", "--env",
+              "--select", "LD9"])
+    assert exc.value.code == 1
+    report = json.loads(capsys.readouterr().out)
+    assert [(f["code"], f["severity"]) for f in report["env"]["findings"]] == [("LD901", "error")]
+    assert report["env"]["consumer"] == "llava"
     with pytest.raises(SystemExit):
         main(["check", str(run), "--isolated", "--fast", "--env"])
     text = capsys.readouterr().out

@@ -43,7 +43,8 @@ def test_it_is_a_valid_json_schema_naming_every_field_as_required() -> None:
     jsonschema.Draft202012Validator.check_schema(schema)
     assert schema["required"] == ["consumer", "counts", "env", "findings", "schema_version",
                                   "targets", "tool", "tool_version"]
-    assert SCHEMA_VERSION == "1.2"
+    assert SCHEMA_VERSION == "1.3"  # 1.3: the environment section names its consumer
+    assert "consumer" in schema["$defs"]["EnvReport"]["required"]
     consumer = schema["properties"]["consumer"]
     assert {"$ref": "#/$defs/Consumer"} in consumer["anyOf"]
     assert schema["$defs"]["Consumer"]["enum"] == ["llava", "llava-doctor", "peft"]

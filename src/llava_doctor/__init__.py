@@ -74,29 +74,34 @@ def check(path: PathLike | Sequence[PathLike], base: PathLike | None = None,
                    vision_tower=Path(vision_tower) if vision_tower is not None else None)
     report = run_checks(targets, opts, select=select, ignore=ignore, jobs=jobs)
     if env:
-        from llava_doctor.envinfo import EnvOptions, gather
+        from llava_doctor.envinfo import EnvOptions, env_consumer, gather
 
         report = report.model_copy(update={"env": gather(targets, EnvOptions(
-            peft_version=peft_version, base=opts.base, run_target_checks=False))})
+            peft_version=peft_version, base=opts.base, run_target_checks=False,
+            consumer=env_consumer(report)))})
     return report
 
 
 def env(runs: PathLike | Sequence[PathLike] = (), *, peft_version: str | None = None,
         transformers_version: str | None = None, base: PathLike | None = None,
-        gpu: str = "auto", timeout: float = 60.0, python: str | None = None) -> EnvReport:
+        gpu: str = "auto", timeout: float = 60.0, python: str | None = None,
+        merge_with: str | None = None) -> EnvReport:
     """`llava-doctor env` as a function: what is installed, and what each RUN was written with.
 
     ``gpu``: ``auto`` | ``nvidia-smi`` | ``torch`` | ``none``; ``timeout``: seconds each child
     probe (llava import, GPU query) may take; ``python``: inspect that interpreter's
-    environment (e.g. the training env's) instead of this one.
+    environment (e.g. the training env's) instead of this one; ``merge_with``: whose merge the
+    severities are for, as ``--merge-with`` (default: LLaVA's own).
     """
     from llava_doctor.doctor import collect_targets
     from llava_doctor.envinfo import EnvOptions, gather
+    from llava_doctor.models import Consumer
 
     paths = [runs] if isinstance(runs, (str, Path)) else list(runs)
     return gather(collect_targets(paths) if paths else [], EnvOptions(
         peft_version=peft_version, transformers_version=transformers_version,
-        base=Path(base) if base is not None else None, gpu=gpu, timeout=timeout, python=python))
+        base=Path(base) if base is not None else None, gpu=gpu, timeout=timeout, python=python,
+        consumer=Consumer(merge_with) if merge_with is not None else None))
 
 
 def __getattr__(name: str) -> Any:

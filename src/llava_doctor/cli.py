@@ -245,12 +245,12 @@ def check(
                                 observer=observer)
         report = cfg.apply(report)
         if env:
-            from llava_doctor.envinfo import EnvOptions, gather
+            from llava_doctor.envinfo import EnvOptions, env_consumer, gather
 
             report = report.model_copy(update={"env": gather(targets, EnvOptions(
                 peft_version=peft_version or cfg.peft_version, base=opts.base,
                 run_target_checks=False, select=tuple(sel) if sel is not None else None,
-                ignore=tuple(ign or ())))})
+                ignore=tuple(ign or ()), consumer=env_consumer(report)))})
         shown = report
         if report.env is not None and fmt.value not in ("text", "json"):
             from llava_doctor.envinfo import fold_into_targets

@@ -82,6 +82,7 @@ class EnvOptions:
     select: tuple[str, ...] | None = None   # codes or prefixes, as check's --select / --ignore
     ignore: tuple[str, ...] = ()
     python: str | None = None   # inspect this interpreter's environment instead of this one's
+    consumer: Consumer | None = None  # whose merge the severities are for (None: LLaVA's)
 
 
 @dataclass
@@ -179,7 +180,8 @@ def target_options(opts: EnvOptions, installed_peft: str | None,
                    installed_transformers: str | None) -> Options:
     """The `check` options that stand for this environment (headers only)."""
     kw: dict[str, Any] = {"base": opts.base, "fast": True,
-                          "peft_version": opts.peft_version or installed_peft}
+                          "peft_version": opts.peft_version or installed_peft,
+                          "consumer": opts.consumer}
     # Options.transformers_version is added with the llava-hf family (LD701); pass it on when
     # this version of Options has it.
     if "transformers_version" in {f.name for f in fields(Options)}:
@@ -229,13 +231,20 @@ def run_env_checks(ctx: EnvContext) -> tuple[list[Finding], list[CheckOutcome]]:
                                      status=CheckStatus.failed if hits else CheckStatus.passed))
         for h in hits:
             target = str(h.evidence.get("run", ENV_TARGET))
-            # Environment checks describe the stack LLaVA's own merge runs in: its severities.
-            sev = h.severity_for(Consumer.llava) or spec.severity_for(Consumer.llava)
+            consumer = ctx.options.consumer or Consumer.llava
+            sev = h.severity_for(consumer) or spec.severity_for(consumer)
             out.append(Finding(code=code, name=spec.name, severity=sev,
                                message=h.message,
                                path=str(h.path) if h.path is not None else None,
                                target=target, evidence=h.evidence, fix=h.fix or spec.fix))
     return out, outcomes
+
+
+def env_consumer(report: Report) -> Consumer:
+    """Whose merge `check --env` judges the environment for: the report's (`--merge-with`, else
+    the default all its targets share: peft for llava-hf runs), else LLaVA's own (targets with
+    different defaults checked together)."""
+    return report.consumer or Consumer.llava
 
 
 def fold_into_targets(report: Report) -> Report:
@@ -287,7 +296,8 @@ def gather(runs: Sequence[Path | str] = (), options: EnvOptions | None = None) -
         python=version, python_executable=exe,
         platform=platform.platform(), packages=packages, torch=torch, gpus=gpus, llava=llava,
         ram_total_bytes=total, ram_available_bytes=avail, disks=_disks(run_paths),
-        runs=[run_versions(p, topts) for p in run_paths])
+        runs=[run_versions(p, topts) for p in run_paths],
+        consumer=opts.consumer or Consumer.llava)
     findings, outcomes = run_env_checks(EnvContext(facts=facts, options=opts, path=path))
     if opts.run_target_checks and run_paths:
         from llava_doctor.doctor import run_checks

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 from llava_doctor import __version__
 
 # Bumped on any breaking change to the JSON report (a test pins the JSON Schema).
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 
 
 class Severity(str, Enum):
@@ -198,6 +198,8 @@ class EnvReport(_Frozen):
     ram_available_bytes: int | None = None
     disks: list[DiskSpace] = Field(default_factory=list)
     runs: list[RunVersions] = Field(default_factory=list)
+    consumer: Consumer = Field(default=Consumer.llava, description="Whose merge the "
+                               "environment findings' severities are for (`--merge-with`)")
     checks: list[CheckOutcome] = Field(default_factory=list, description="What each environment "
                                        "check (LD9xx) did")
     findings: list[Finding] = Field(default_factory=list)

@@ -5,6 +5,11 @@ metadata, the torch build, the GPU query, the llava import probe, and each RUN's
 versions), never per target. What a RUN needs of the environment that a target check already
 judges (LD201 peft fields, LD208 QLoRA config, LD602 RAM, LD701 key layout) is reported by
 those checks, run on the RUN with the environment's versions.
+
+Severities are per consumer, like every check's: what breaks LLaVA's own merge (its `llava`
+import, its pins, its `device="cuda"` default, old peft on CPU in float16) is harmless to
+`llava-doctor merge`, which imports neither llava nor peft and falls back to the CPU; peft's
+merge shares the peft and bitsandbytes questions but not llava's.
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from llava_doctor.artifacts.installed import requirements, satisfies, version_at_least
-from llava_doctor.checks.base import ENVIRONMENT, Hit, Skip, check
+from llava_doctor.checks.base import ENVIRONMENT, Hit, Skip, by_consumer, check
 from llava_doctor.models import Severity
 
 if TYPE_CHECKING:
     from llava_doctor.envinfo import EnvContext
+
+_W, _I = Severity.warning, Severity.info
 
 # The packages LLaVA's merge and loading code imports: a mismatch with llava's pins there is what
 # breaks `merge_lora_weights.py`. (llava also pins gradio, fastapi, ... for its demo; irrelevant.)
@@ -25,7 +32,9 @@ MERGE_RELEVANT = ("torch", "transformers", "tokenizers", "sentencepiece", "accel
                   "bitsandbytes", "safetensors", "protobuf", "einops", "timm")
 
 
-@check("LD901", "llava-import-broken", Severity.error, needs_lora=False, scope=ENVIRONMENT)
+@check("LD901", "llava-import-broken",
+       by_consumer(llava=Severity.error, llava_doctor=_I, peft=_I),
+       needs_lora=False, scope=ENVIRONMENT)
 def llava_import_broken(ctx: EnvContext) -> Iterable[Hit]:
     """`from llava.model import LlavaLlamaForCausalLM` fails with the installed `llava` package.
 
@@ -68,7 +77,8 @@ def llava_import_broken(ctx: EnvContext) -> Iterable[Hit]:
                         "location": llava.location})
 
 
-@check("LD902", "llava-requirements-unmet", Severity.warning, needs_lora=False, scope=ENVIRONMENT)
+@check("LD902", "llava-requirements-unmet", by_consumer(llava=_W, llava_doctor=_I, peft=_I),
+       needs_lora=False, scope=ENVIRONMENT)
 def llava_requirements_unmet(ctx: EnvContext) -> Iterable[Hit]:
     """Installed versions do not meet the pins of the installed `llava` distribution.
 
@@ -126,7 +136,8 @@ def llava_requirements_unmet(ctx: EnvContext) -> Iterable[Hit]:
               evidence={"required": wanted, "installed": unmet})
 
 
-@check("LD903", "bitsandbytes-missing", Severity.warning, scope=ENVIRONMENT)
+@check("LD903", "bitsandbytes-missing", by_consumer(llava=_W, llava_doctor=_I, peft=_W),
+       scope=ENVIRONMENT)
 def bitsandbytes_missing(ctx: EnvContext) -> Iterable[Hit]:
     """A RUN's config asks for bitsandbytes quantization, and bitsandbytes is not installed.
 
@@ -161,7 +172,8 @@ def bitsandbytes_missing(ctx: EnvContext) -> Iterable[Hit]:
                   evidence={"run": run.path, "quantization": run.quantization})
 
 
-@check("LD904", "cuda-build-without-gpu", Severity.warning, needs_lora=False, scope=ENVIRONMENT)
+@check("LD904", "cuda-build-without-gpu", by_consumer(llava=_W, llava_doctor=_I, peft=_I),
+       needs_lora=False, scope=ENVIRONMENT)
 def cuda_build_without_gpu(ctx: EnvContext) -> Iterable[Hit]:
     """torch is a CUDA or ROCm build but no GPU is visible.
 
@@ -201,7 +213,8 @@ def cuda_build_without_gpu(ctx: EnvContext) -> Iterable[Hit]:
                         "cuda_visible_devices": visible})
 
 
-@check("LD905", "peft-cpu-half-merge", Severity.warning, needs_lora=False, scope=ENVIRONMENT)
+@check("LD905", "peft-cpu-half-merge", by_consumer(llava=_W, llava_doctor=_I, peft=_W),
+       needs_lora=False, scope=ENVIRONMENT)
 def peft_cpu_half_merge(ctx: EnvContext) -> Iterable[Hit]:
     """The peft that will merge is older than 0.6, which cannot merge float16 LoRA on CPU.
 

@@ -20,7 +20,16 @@ TimeoutOpt = Annotated[float, typer.Option(
 
 def register(app: typer.Typer) -> None:
     """Add `llava-doctor env` to the app."""
-    from llava_doctor.cli import BaseOpt, IgnoreOpt, PeftOpt, SelectOpt, _codes, _color, _fail
+    from llava_doctor.cli import (
+        BaseOpt,
+        IgnoreOpt,
+        MergeWithOpt,
+        PeftOpt,
+        SelectOpt,
+        _codes,
+        _color,
+        _fail,
+    )
 
     @app.command("env")
     def env(
@@ -31,6 +40,7 @@ def register(app: typer.Typer) -> None:
         peft_version: PeftOpt = None,
         transformers_version: TransformersOpt = None,
         base: BaseOpt = None,
+        merge_with: MergeWithOpt = None,
         gpu: GpuOpt = "auto",
         timeout: TimeoutOpt = 60.0,
         select: SelectOpt = None,
@@ -63,7 +73,7 @@ def register(app: typer.Typer) -> None:
             report = gather(targets, EnvOptions(
                 peft_version=peft_version, transformers_version=transformers_version,
                 base=base, gpu=gpu, timeout=timeout, select=tuple(sel) if sel else None,
-                ignore=tuple(ign or ()), python=python))
+                ignore=tuple(ign or ()), python=python, consumer=merge_with))
         except DoctorError as e:
             raise _fail(e) from None
         if fmt == "json":

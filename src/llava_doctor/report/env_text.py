@@ -107,6 +107,7 @@ def render_env_text(env: EnvReport, *, color: bool = False, **_: object) -> str:
             lines.append(f"    quantization: {run.quantization}")
         lines += _finding_lines(found, color)
     lines.append("")
+    lines.append(_c(f"severities for: {env.consumer.label}", "2", color))
     c = env.counts
     if env.findings:
         lines.append(f"Found {c['error']} error(s), {c['warning']} warning(s), {c['info']} info "
