@@ -44,6 +44,15 @@ def hf4(tmp_path_factory: pytest.TempPathFactory, hf_proc: dict[str, Path]):  # 
     return build_world(need_hf446(), hf446_version(), tmp_path_factory.mktemp("hf4"), hf_proc)
 
 
+@pytest.fixture(scope="session")
+def hf457(tmp_path_factory: pytest.TempPathFactory, hf_proc: dict[str, Path]):  # noqa: ANN201
+    """Bases and adapters written by transformers 4.57.6 + peft 0.17.1 (skips without them)."""
+    from hf_support import build_world, hf457_version, need_hf457
+
+    return build_world(need_hf457(), hf457_version(), tmp_path_factory.mktemp("hf457"),
+                       hf_proc)
+
+
 @pytest.fixture()
 def needs_processors() -> None:
     """For tests whose runs must carry processor/tokenizer files: those are written by

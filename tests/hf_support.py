@@ -1,6 +1,8 @@
 """llava-hf fixtures built by the real libraries (tests/hf_build.py), in this venv (transformers
-5.x, peft 0.2x) and in the transformers-4.46.3 + peft-0.13.2 venv named by
-LLAVA_DOCTOR_HF446_PYTHON. Without that variable the 4.46 parts skip, except under CI=true,
+5.x, peft 0.2x), in the transformers-4.46.3 + peft-0.13.2 venv named by
+LLAVA_DOCTOR_HF446_PYTHON (canonical keys everywhere) and in the transformers-4.57.6 +
+peft-0.17.1 venv named by LLAVA_DOCTOR_HF457_PYTHON (4.52-4.57: adapters in the runtime-4.52
+layout, checkpoints saved canonical). Without a variable its parts skip, except under CI=true,
 where they fail (the cross-version convention of this project)."""
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 
 BUILD = Path(__file__).with_name("hf_build.py")
 HF446_VAR = "LLAVA_DOCTOR_HF446_PYTHON"
+HF457_VAR = "LLAVA_DOCTOR_HF457_PYTHON"
 
 # LM-only LoRA written the portable way: matches `language_model.model.layers...` (< 4.52) and
 # `model.language_model.layers...` (>= 4.52) alike.
@@ -33,21 +36,33 @@ ADAPTERS: dict[str, dict[str, Any]] = {
 }
 
 
-def hf446_python() -> str | None:
-    """The 4.46 venv's python, or None (then the caller skips; under CI=true it fails)."""
-    p = os.environ.get(HF446_VAR)
+def _venv_python(var: str, venv: str) -> str | None:
+    """The python that ``var`` names, or None (then the caller skips; under CI=true it fails)."""
+    p = os.environ.get(var)
     if p and Path(p).exists():
         return p
     if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{HF446_VAR} is not set (or does not exist) under CI: .ci/run creates "
-                    ".ci/venv-hf446 and exports it")
+        pytest.fail(f"{var} is not set (or does not exist) under CI: .ci/run creates "
+                    f"{venv} and exports it")
     return None
+
+
+def hf446_python() -> str | None:
+    """The 4.46 venv's python, or None."""
+    return _venv_python(HF446_VAR, ".ci/venv-hf446")
 
 
 def need_hf446() -> str:
     p = hf446_python()
     if p is None:
         pytest.skip(f"{HF446_VAR} not set: no transformers-4.46.3 venv")
+    return p
+
+
+def need_hf457() -> str:
+    p = _venv_python(HF457_VAR, ".ci/venv-hf457")
+    if p is None:
+        pytest.skip(f"{HF457_VAR} not set: no transformers-4.57.6 venv")
     return p
 
 
@@ -151,6 +166,10 @@ def installed_transformers() -> str:
 
 def hf446_version() -> str:
     return "4.46.3"
+
+
+def hf457_version() -> str:
+    return "4.57.6"
 
 
 def logits(python: str, arch: str, model: Path, adapter: Path | None, where: Path,

@@ -210,3 +210,44 @@ def test_merge_refuses_a_llava_hf_adapter_on_a_plain_llm(hf5: World, scenarios: 
         merge(hf5.adapters["lm"], scenarios["base-vicuna"], tmp_path / "out", device="cpu")
     assert "LD407" in {f.code for f in exc.value.errors}
     assert not (tmp_path / "out").exists()
+
+
+def test_4_57_runtime_layout_adapters_merged_match_4_57_peft_in_both_versions(
+        hf457: World, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """transformers 4.52-4.57 train with the runtime-4.52 module tree (`model.language_model.*`)
+    but save checkpoints canonical (`language_model.model.*`): measured with 4.57.6 + peft
+    0.17.1 writing the files. Every adapter kind merged here gives the unmerged peft model's
+    logits under 4.57, and the output loads with no missing or unexpected keys there and under
+    this venv's 5.x."""
+    from llava_doctor.artifacts.hf_layout import Layout, detect_adapter_layout, detect_layout
+
+    with safe_open(str(next(hf457.bases["llava"].glob("*.safetensors"))), "pt") as f:
+        assert detect_layout(f.keys()) == Layout.canonical
+    for name in NAMES:
+        with safe_open(str(hf457.adapters[name] / "adapter_model.safetensors"), "pt") as f:
+            assert detect_adapter_layout(f.keys()) == Layout.runtime_4, name
+    where = tmp_path_factory.mktemp("hf457-merge")
+    merged = _merge_all(hf457, where / "merged")
+    refs = logits_many(hf457.python, [(_arch(n), hf457.bases[_arch(n)], hf457.adapters[n], n)
+                                      for n in NAMES], where / "refs")
+    for python in (hf457.python, python_here()):
+        res = logits_many(python, [(_arch(n), merged[n], None, n) for n in NAMES],
+                          where / Path(python).parent.parent.name)
+        for n in NAMES:
+            ref, rr = refs[n]
+            assert rr["ok"], rr.get("traceback")
+            ours, r = res[n]
+            _clean(r)
+            _close(ours, ref)
+
+
+def test_4_57_runs_check_clean_for_the_version_that_wrote_them(hf457: World) -> None:
+    """The runtime-4.52 adapters against 4.57 itself: no finding says peft's merge there fails."""
+    import llava_doctor
+
+    for name in NAMES:
+        report = llava_doctor.check(hf457.adapters[name], base=hf457.bases[_arch(name)],
+                                    transformers_version=hf457.version, peft_version="0.17.1",
+                                    merge_with="peft")
+        errors = [(f.code, f.message[:200]) for f in report.findings if f.severity.value == "error"]
+        assert errors == [], name
