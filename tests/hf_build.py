@@ -46,6 +46,12 @@ def _configs(arch: str, **over):
         from transformers import LlavaNextConfig
 
         return LlavaNextConfig(image_grid_pinpoints=PINPOINTS, **kw)
+    if arch == "llava_onevision":
+        from transformers import LlavaOnevisionConfig
+
+        # "default" drops CLIP's CLS feature, so the 2x2 feature grid matches the tiny tower.
+        return LlavaOnevisionConfig(image_grid_pinpoints=PINPOINTS,
+                                    vision_feature_select_strategy="default", **kw)
     from transformers import LlavaConfig
 
     return LlavaConfig(**kw)
@@ -56,6 +62,10 @@ def _cls(arch: str):
         from transformers import LlavaNextForConditionalGeneration
 
         return LlavaNextForConditionalGeneration
+    if arch == "llava_onevision":
+        from transformers import LlavaOnevisionForConditionalGeneration
+
+        return LlavaOnevisionForConditionalGeneration
     from transformers import LlavaForConditionalGeneration
 
     return LlavaForConditionalGeneration
@@ -137,8 +147,15 @@ def _inputs(model, arch: str):
     import torch
 
     g = torch.Generator().manual_seed(123)
-    if arch == "llava_next":
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    if arch in ("llava_next", "llava_onevision"):
+        if arch == "llava_next":
+            from transformers.models.llava_next.modeling_llava_next import (
+                image_size_to_num_patches,
+            )
+        else:
+            from transformers.models.llava_onevision.modeling_llava_onevision import (
+                image_size_to_num_patches,
+            )
 
         sizes = [[56, 28]]
         n = image_size_to_num_patches(sizes[0], PINPOINTS, 28)

@@ -251,3 +251,40 @@ def test_4_57_runs_check_clean_for_the_version_that_wrote_them(hf457: World) -> 
                                     merge_with="peft")
         errors = [(f.code, f.message[:200]) for f in report.findings if f.severity.value == "error"]
         assert errors == [], name
+
+
+def test_onevision_runs_merge_to_the_peft_models_logits(tmp_path: Path) -> None:
+    """`LlavaOnevisionForConditionalGeneration` (anyres image features, `image_newline`):
+    a base saved by this venv's transformers and adapters written by its peft (LoRA on the
+    language model with the projector as modules_to_save; `all-linear`, which puts LoRA on the
+    tower and the projector too) merge into outputs that load with no missing or unexpected key
+    and give the unmerged peft model's logits on an image + text input."""
+    base = tmp_path / "base-onevision"
+    adapters = {name: tmp_path / f"lora-onevision-{name}" for name in ("mts", "all-linear")}
+    from hf_support import ADAPTERS
+
+    jobs: list[dict[str, Any]] = [{"op": "base", "arch": "llava_onevision", "out": str(base),
+                                   "seed": 0}]
+    jobs += [{"op": "adapter", "arch": "llava_onevision", "base": str(base), "out": str(out),
+              "seed": 40 + i, "lora": ADAPTERS[name]}
+             for i, (name, out) in enumerate(adapters.items())]
+    for r in run_jobs(python_here(), jobs, tmp_path / "jobs"):
+        assert r["ok"], r.get("traceback")
+    items: list[tuple[str, Path, Path | None, str]] = []
+    for name, adapter in adapters.items():
+        r = merge(adapter, base, tmp_path / f"merged-{name}", dtype="auto", device="cpu",
+                  durable=False)
+        assert (r.out / "config.json").is_file()
+        items += [("llava_onevision", base, adapter, f"ref-{name}"),
+                  ("llava_onevision", r.out, None, f"ours-{name}")]
+    items.append(("llava_onevision", base, None, "base"))
+    res = logits_many(python_here(), items, tmp_path / "logits")
+    plain, rb = res["base"]
+    _clean(rb)
+    for name in adapters:
+        ref, rr = res[f"ref-{name}"]
+        assert rr["ok"], rr.get("traceback")
+        assert float((ref - plain).abs().max()) > 1e-3  # the adapter changes the answer
+        ours, ro = res[f"ours-{name}"]
+        _clean(ro)
+        _close(ours, ref)
