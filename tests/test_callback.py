@@ -183,6 +183,68 @@ def test_a_nan_is_found_with_values_and_stops_the_training(base_dir: Path,
     assert "adapter_model.safetensors" in r.blocking[0].message
 
 
+def _trl() -> Any:
+    """TRL (a test extra): required under CI=true, skipped for a newcomer without it."""
+    import os
+
+    try:
+        import trl
+    except ImportError:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("trl is not installed under CI (it is in the test extra)")
+        pytest.skip("trl is not installed")
+    return trl
+
+
+def sft_train(base_dir: Path, out: Path, callbacks: list[Any]) -> Any:
+    """TRL's SFTTrainer as its users run it: the model, a `peft_config` (TRL wraps the model
+    itself), a tokenizer and a dataset; pre-tokenized here so no chat template is needed."""
+    trl = _trl()
+    import datasets
+
+    torch.manual_seed(0)
+    tok = transformers.LlamaTokenizer(vocab_file=str(base_dir / "tokenizer.model"))
+    tok.pad_token = tok.eos_token
+    ds = datasets.Dataset.from_dict(
+        {"input_ids": [[(j + i) % 128 for j in range(8)] for i in range(32)]})
+    args = trl.SFTConfig(
+        output_dir=str(out), max_steps=MAX_STEPS, save_steps=SAVE_STEPS, save_strategy="steps",
+        per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True,
+        logging_steps=100, disable_tqdm=True)
+    trainer = trl.SFTTrainer(
+        model=transformers.LlamaForCausalLM.from_pretrained(base_dir), args=args,
+        train_dataset=ds, processing_class=tok, callbacks=callbacks,
+        peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainer.train()
+    return trainer
+
+
+def test_sft_trainer_healthy_run_is_checked_and_untouched(base_dir: Path,
+                                                           tmp_path: Path) -> None:
+    before, after = Snapshot(), SnapshotAfter()
+    doctor = DoctorCallback(stop_on_error=True, log=lambda _: None)
+    trainer = sft_train(base_dir, tmp_path / "out", [before, doctor, after])
+    assert trainer.state.global_step == MAX_STEPS
+    assert [r.step for r in doctor.results] == [2, 4]
+    for step in (2, 4):
+        added = {k: v for k, v in after.seen[step].items() if k not in before.seen[step]}
+        assert list(added) == [REPORT_NAME]
+        assert {k: v for k, v in after.seen[step].items() if k != REPORT_NAME} == before.seen[step]
+    for r in doctor.results:
+        assert r.blocking == ()
+        assert r.report.targets[0].inputs[0].path == str(base_dir)
+
+
+def test_sft_trainer_zero3_placeholders_stop_the_training(base_dir: Path,
+                                                          tmp_path: Path) -> None:
+    doctor = DoctorCallback(stop_on_error=True, log=lambda _: None)
+    trainer = sft_train(base_dir, tmp_path / "out", [Zero3Placeholders(step=2), doctor])
+    assert trainer.state.global_step == 2
+    assert not (tmp_path / "out" / "checkpoint-4").exists()
+    (r,) = doctor.results
+    assert [f.code for f in r.blocking] == ["LD105"]
+
+
 def test_only_the_main_process_checks(tmp_path: Path) -> None:
     doctor = DoctorCallback(stop_on_error=True, log=lambda _: None)
     state = transformers.TrainerState(global_step=2, is_world_process_zero=False)
