@@ -36,9 +36,14 @@ config.json names.
 Every Python job (ours included) ends with os._exit once its output is flushed, so no job is
 timed for interpreter teardown (0.3-0.8 s once torch is loaded).
 
+--shape 7b --device cuda is the GPU run (bench/gpu_merge.sh): a llama-7b-shaped model, every job
+on the GPU (ours --device cuda, peft with device_map, the floor's B @ A), each output deleted
+once measured.
+
 Usage: python bench/bench_merge.py [--dir bench/out/merge] [--repeat 5] [--layers 8]
-                                   [--family llava|llava-hf] [--lora DIR --base DIR]
-                                   [--profile] [--skip-peft] [--no-verify-job] [--before SRC]
+                                   [--family llava|llava-hf] [--shape bench|7b] [--device cpu]
+                                   [--lora DIR --base DIR] [--profile] [--skip-peft]
+                                   [--no-verify-job] [--before SRC]
 """
 
 from __future__ import annotations
@@ -59,21 +64,28 @@ HERE = Path(__file__).resolve().parent
 
 
 # ------------------------------------------------------------------------------------ inputs
-def build(root: Path, layers: int) -> dict[str, Path]:
+# Text-model shapes: the 2-core bench model (--layers deep) and a 7B llama (--shape 7b, 13.5 GB
+# in fp16: for a GPU machine's disk and memory, not this one's).
+SHAPES = {"bench": {"hidden": 2048, "intermediate": 5504, "heads": 16, "shards": 3},
+          "7b": {"hidden": 4096, "intermediate": 11008, "heads": 32, "shards": 3}}
+
+
+def build(root: Path, layers: int, shape: str = "bench") -> dict[str, Path]:
     from llava_doctor.fixtures.builder import Dims, build_base, build_lora, build_pretrain
 
     paths = {"base": root / "vicuna-bench", "pretrain": root / "llava-bench-pretrain",
              "lora": root / "llava-bench-lora"}
-    marker = root / f".complete-{layers}"
+    marker = root / f".complete-{shape}-{layers}"
     if marker.exists():
         return paths
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    dims = Dims(hidden=2048, intermediate=5504, layers=layers, heads=16, kv_heads=16,
-                vocab=32000, mm_hidden=1024)
-    print(f"building a {layers}-layer base, projector and r=128 adapter under {root} ...",
+    sh = SHAPES[shape]
+    dims = Dims(hidden=sh["hidden"], intermediate=sh["intermediate"], layers=layers,
+                heads=sh["heads"], kv_heads=sh["heads"], vocab=32000, mm_hidden=1024)
+    print(f"building a {layers}-layer {shape} base, projector and r=128 adapter under {root} ...",
           file=sys.stderr)
-    build_base(paths["base"], dims, shards=3)
+    build_base(paths["base"], dims, shards=sh["shards"])
     build_pretrain(paths["pretrain"], dims, base=paths["base"])
     build_lora(paths["lora"], dims, base=paths["base"], r=128, alpha=256,
                projector_from=paths["pretrain"], peft_version="0.10.0")
@@ -81,14 +93,14 @@ def build(root: Path, layers: int) -> dict[str, Path]:
     return paths
 
 
-def build_hf(root: Path, layers: int) -> dict[str, Path]:
+def build_hf(root: Path, layers: int, shape: str = "bench") -> dict[str, Path]:
     """A llava-hf run at the same scale, written by transformers and peft themselves: a
     `LlavaForConditionalGeneration` (the bench's Llama text model, a 4-layer CLIP-L-shaped
     tower at 336 px, the mlp2x_gelu projector) saved in fp16 by `save_pretrained`, and a peft
     adapter on every linear layer of the language model (r=128, alpha=256, saved in bf16, as
     TRL / LLaMA-Factory runs with a frozen tower and projector leave it)."""
     paths = {"base": root / "llava-hf-bench", "lora": root / "llava-hf-bench-lora"}
-    marker = root / f".complete-{layers}"
+    marker = root / f".complete-{shape}-{layers}"
     if marker.exists():
         return paths
     import torch
@@ -105,8 +117,10 @@ def build_hf(root: Path, layers: int) -> dict[str, Path]:
     print(f"building a {layers}-layer llava-hf base and r=128 adapter under {root} ...",
           file=sys.stderr)
     torch.manual_seed(0)
-    text = LlamaConfig(vocab_size=32064, hidden_size=2048, intermediate_size=5504,
-                       num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16,
+    sh = SHAPES[shape]
+    text = LlamaConfig(vocab_size=32064, hidden_size=sh["hidden"],
+                       intermediate_size=sh["intermediate"], num_hidden_layers=layers,
+                       num_attention_heads=sh["heads"], num_key_value_heads=sh["heads"],
                        pad_token_id=32001)
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
                               num_attention_heads=16, image_size=336, patch_size=14,
@@ -146,8 +160,8 @@ def warm(paths: list[Path]) -> None:
 def child(job: str, args: list[str]) -> None:
     """Run one job in this (fresh) process; print a JSON line last."""
     if job in ("build", "build-hf"):
-        root, layers = Path(args[0]), int(args[1])
-        made = (build if job == "build" else build_hf)(root, layers)
+        root, layers, shape = Path(args[0]), int(args[1]), args[2]
+        made = (build if job == "build" else build_hf)(root, layers, shape)
         print(json.dumps({k: str(v) for k, v in made.items()}))
     elif job == "info":
         import torch
@@ -161,19 +175,21 @@ def child(job: str, args: list[str]) -> None:
         import transformers
         from peft import PeftModel
 
-        lora, base, out = args
+        lora, base, out, device = args
         arch = (json.loads((Path(base) / "config.json").read_text()).get("architectures")
                 or ["AutoModelForCausalLM"])[0]
         cls = getattr(transformers, arch, transformers.AutoModelForCausalLM)
-        model = cls.from_pretrained(base, dtype=torch.float16)
+        # On a GPU, the model is loaded onto it and peft merges there, as users run it.
+        on = {} if device == "cpu" else {"device_map": device}
+        model = cls.from_pretrained(base, dtype=torch.float16, **on)
         model = PeftModel.from_pretrained(model, lora).merge_and_unload()
         model.save_pretrained(out)
     elif job == "matmul":
         import torch
         from safetensors.torch import load_file
 
-        (adapter,) = args
-        sd = load_file(adapter)
+        adapter, device = args
+        sd = load_file(adapter, device=device)
         n = 0
         for k in sd:
             if ".lora_A." in k or ".lora_embedding_A" in k:
@@ -181,6 +197,8 @@ def child(job: str, args: list[str]) -> None:
                                                              "lora_embedding_B")]
                 b.float() @ sd[k].float()
                 n += 1
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         print(json.dumps({"modules": n}))
     elif job == "phases":
         phases(*args)
@@ -305,7 +323,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", type=Path, default=HERE / "out" / "merge")
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=None,
+                    help="text model depth (default: 8 for --shape bench, 32 for 7b)")
+    ap.add_argument("--shape", choices=tuple(SHAPES), default="bench",
+                    help="bench: hidden 2048 (about 1 GB at 8 layers); 7b: a llama-7b-shaped "
+                         "model (13.5 GB: a GPU machine's run)")
+    ap.add_argument("--device", default="cpu",
+                    help="where ours (--device), peft (device_map) and the B @ A floor compute: "
+                         "cpu or cuda")
     ap.add_argument("--family", choices=("llava", "llava-hf"), default="llava",
                     help="build an original LLaVA run (default) or a llava-hf one")
     ap.add_argument("--lora", type=Path, help="an existing LoRA run (skips the build)")
@@ -319,6 +344,8 @@ def main() -> None:
                     "dir, e.g. from `git archive`) to run in the same rounds as 'before'")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.layers is None:
+        a.layers = 32 if a.shape == "7b" else 8
     if a.child:
         child(a.child[0], a.child[1:])
         # Every job ends the way `llava-doctor` does: streams flushed, then no interpreter
@@ -335,8 +362,10 @@ def main() -> None:
         extra: list[Path] = []
     else:
         hf = a.family == "llava-hf"
-        root = a.dir.with_name(a.dir.name + "-hf") if hf else a.dir
-        built = measure(me + ["build-hf" if hf else "build", str(root), str(a.layers)])[2]
+        root = a.dir.with_name(a.dir.name + ("-hf" if hf else "")
+                               + ("" if a.shape == "bench" else f"-{a.shape}"))
+        built = measure(me + ["build-hf" if hf else "build", str(root), str(a.layers),
+                              a.shape])[2]
         paths = {k: Path(v) for k, v in built.items()}
         lora, base = paths["lora"], paths["base"]
         extra = [p for k, p in paths.items() if k not in ("lora", "base")]
@@ -354,10 +383,10 @@ def main() -> None:
     # `-m llava_doctor` runs the sources on PYTHONPATH or the installed package, as a user would.
     jobs = {
         "ours": [sys.executable, "-m", "llava_doctor", "merge", str(lora), "--base", str(base),
-                 "--out", str(outs["ours"]), "--quiet"],
+                 "--device", a.device, "--out", str(outs["ours"]), "--quiet"],
         "cp -r": ["cp", "-r", str(base), str(outs["cp -r"])],
-        "B @ A": me + ["matmul", str(adapter)],
-        "peft": me + ["peft", str(lora), str(base), str(outs["peft"])],
+        "B @ A": me + ["matmul", str(adapter), a.device],
+        "peft": me + ["peft", str(lora), str(base), str(outs["peft"]), a.device],
     }
     srcs: dict[str, Path] = {}
     if a.before is not None:
@@ -385,8 +414,16 @@ def main() -> None:
             results[name].append((wall, rss, cpu))
             print(f"  round {rep + 1}/{a.repeat} {name:<6} {wall:7.2f} s  {cpu:7.2f} s CPU "
                   f"{rss / 1e6:8.0f} MB", file=sys.stderr)
-        if spot is None and "peft" in jobs:
-            spot = measure(me + ["spot", str(outs["ours"]), str(outs["peft"]), str(base)])[2]
+            # Outputs go as soon as they are measured (a 7b run's are 13.5 GB each); ours and
+            # peft's stay until the spot check has compared them, once.
+            waiting = spot is None and "peft" in jobs
+            if name in outs and not (waiting and name in ("ours", "peft")):
+                shutil.rmtree(outs[name], ignore_errors=True)
+            if waiting and outs["ours"].is_dir() and outs["peft"].is_dir():
+                spot = measure(me + ["spot", str(outs["ours"]), str(outs["peft"]),
+                                     str(base)])[2]
+                for done in ("ours", "peft"):
+                    shutil.rmtree(outs[done], ignore_errors=True)
     report(results, spot, base, adapter, a, measure(me + ["info"])[2])
 
 
@@ -399,11 +436,13 @@ def report(results: dict[str, list[tuple[float, int, float]]], spot: dict | None
     floors = [max(results["cp -r"][i][0], results["B @ A"][i][0]) for i in range(n)]
     floor = max(med["cp -r"], med["B @ A"])
     paired_floor = statistics.median(results["ours"][i][0] / floors[i] for i in range(n))
-    what = (f"built: {a.family}, {a.layers} layers, hidden 2048, intermediate 5504"
-            if a.lora is None else str(base))
+    sh = SHAPES[a.shape]
+    what = (f"built: {a.family}, {a.layers} layers, hidden {sh['hidden']}, intermediate "
+            f"{sh['intermediate']}" if a.lora is None else str(base))
     print(f"\nmerge benchmark: base {dir_bytes(base) / 1e9:.2f} GB ({what}), adapter "
           f"{adapter.stat().st_size / 1e6:.0f} MB; median of {n} rounds, whole processes")
-    print(f"machine: {machine()}; GPU: {info.get('gpu')}; torch {info.get('torch')}")
+    print(f"machine: {machine()}; GPU: {info.get('gpu')}; torch {info.get('torch')}; "
+          f"device: {a.device}")
     print("\n| job | wall s | x larger floor | CPU s (user+sys) | peak RSS |\n"
           "|---|---:|---:|---:|---:|")
     for k in results:
