@@ -6,7 +6,8 @@
 # (13.5 GB of random weights) and REPEAT rounds of four jobs.
 #
 # That machine's python3 has torch (CUDA), transformers, peft, safetensors, typer and rich, but
-# not pydantic: carry its wheels in .whl (bench/merge.md, "GPU", has the download line), e.g.
+# not pydantic, sarif-pydantic or junitparser: carry their wheels in .whl (bench/merge.md, "GPU",
+# has the download line), e.g.
 #   device run: command="bash bench/gpu_merge.sh", carry=[".whl"], timeout_s=600
 set -euo pipefail
 cd "$(dirname "$0")/.."
