@@ -474,3 +474,4 @@ def test_threads_follow_the_cgroup_cpu_quota(tmp_path: Path, monkeypatch: pytest
     expected = 64 if quota is None else max(1, int(quota + 0.5))
     assert stream.cores() == expected
     assert stream.compute_threads() == max(1, expected - 1)
+    assert stream.compute_workers() == min(expected, stream.MAX_WORKERS)

@@ -365,12 +365,17 @@ def compute_threads() -> int:
     return max(1, cores() - 1)
 
 
+# Beyond this many workers the maths outruns the one sha256 stream per shard (1-2 GB/s) and
+# the disk, and each worker holds a float32 scratch block and an input buffer (8 MB together).
+MAX_WORKERS = 8
+
+
 def compute_workers() -> int:
-    """Compute workers for a merge on the plain CPU device: one per core, each running torch on
-    a single thread. The writer and hasher threads share those cores with them; the kernel
-    schedules blocking threads fairly, where an OpenMP pool spinning at a barrier would not
-    (measured on 2 cores, whole command: see bench/merge.md)."""
-    return cores()
+    """Compute workers for a merge on the plain CPU device: one per core (at most
+    `MAX_WORKERS`), each running torch on a single thread. The writer and hasher threads share
+    those cores with them; the kernel schedules blocking threads fairly, where an OpenMP pool
+    spinning at a barrier would not (measured on 2 cores, whole command: see bench/merge.md)."""
+    return min(cores(), MAX_WORKERS)
 
 
 def _row_plan(t: PlannedTensor, direct: bool) -> tuple[int, int]:
