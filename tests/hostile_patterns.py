@@ -29,79 +29,48 @@ class HostilePattern:
     edit: Callable[[dict[str, Any]], None]
 
 
-def _target(p: str) -> Callable[[dict[str, Any]], None]:
+# The value each pattern-bearing field gets (rank/alpha patterns map a key to a number).
+_KEY_VALUES = {"rank_pattern": 4, "alpha_pattern": 32}
+
+
+def _edit(field: str, p: str) -> Callable[[dict[str, Any]], None]:
+    """The config edit that puts pattern ``p`` into ``field`` the way peft reads that field."""
     def edit(cfg: dict[str, Any]) -> None:
-        cfg["target_modules"] = p
+        if field in _KEY_VALUES:
+            cfg[field] = {p: _KEY_VALUES[field]}
+        elif field == "modules_to_save":
+            cfg[field] = [p]
+        else:
+            if field == "layers_pattern":
+                cfg["layers_to_transform"] = [0]  # peft reads layers_pattern only with it
+            cfg[field] = p
     return edit
 
 
-def _exclude(p: str) -> Callable[[dict[str, Any]], None]:
-    def edit(cfg: dict[str, Any]) -> None:
-        cfg["exclude_modules"] = p
-    return edit
-
-
-def _key(fieldname: str, p: str, value: float) -> Callable[[dict[str, Any]], None]:
-    def edit(cfg: dict[str, Any]) -> None:
-        cfg[fieldname] = {p: value}
-    return edit
-
-
-def _layers(p: str) -> Callable[[dict[str, Any]], None]:
-    def edit(cfg: dict[str, Any]) -> None:
-        cfg["layers_to_transform"] = [0]
-        cfg["layers_pattern"] = p
-    return edit
-
-
-def _saved(p: str) -> Callable[[dict[str, Any]], None]:
-    def edit(cfg: dict[str, Any]) -> None:
-        cfg["modules_to_save"] = [p]
-    return edit
-
-
-def _entry(name: str, technique: str, field: str, pattern: str, expect: str,
-           edit: Callable[[dict[str, Any]], None]) -> HostilePattern:
-    return HostilePattern(name, technique, field, pattern, expect, edit)
+def _entry(name: str, technique: str, field: str, pattern: str, expect: str) -> HostilePattern:
+    return HostilePattern(name, technique, field, pattern, expect, _edit(field, pattern))
 
 
 PATTERNS: list[HostilePattern] = [
-    _entry("issue-17", "nested-quantifier", "target_modules", ISSUE_PATTERN, "LD210",
-           _target(ISSUE_PATTERN)),
-    _entry("star-of-star", "nested-quantifier", "target_modules", r"(.*)*X", "LD210",
-           _target(r"(.*)*X")),
-    _entry("plus-of-plus", "nested-quantifier", "target_modules", r"((.)+)+X", "LD210",
-           _target(r"((.)+)+X")),
-    _entry("overlapping-alternation", "alternation", "target_modules", r"(.|..|...)*X", "LD210",
-           _target(r"(.|..|...)*X")),
+    _entry("issue-17", "nested-quantifier", "target_modules", ISSUE_PATTERN, "LD210"),
+    _entry("star-of-star", "nested-quantifier", "target_modules", r"(.*)*X", "LD210"),
+    _entry("plus-of-plus", "nested-quantifier", "target_modules", r"((.)+)+X", "LD210"),
+    _entry("overlapping-alternation", "alternation", "target_modules", r"(.|..|...)*X", "LD210"),
     _entry("many-alternatives", "alternation", "target_modules",
-           r"(m|mo|o|d|de|e|l|el|a|y|ye|s|r|er|\.|\d|_|\w)*#", "LD210",
-           _target(r"(m|mo|o|d|de|e|l|el|a|y|ye|s|r|er|\.|\d|_|\w)*#")),
-    _entry("polynomial-repeat", "polynomial", "target_modules", r"(.*?.){12}Z", "LD210",
-           _target(r"(.*?.){12}Z")),
-    _entry("exclude-word-dot", "nested-quantifier", "exclude_modules", r"(\w+\.?)+!", "LD210",
-           _exclude(r"(\w+\.?)+!")),
-    _entry("rank-key", "alternation", "rank_pattern", r"(.|..|...)*X", "LD210",
-           _key("rank_pattern", r"(.|..|...)*X", 4)),
-    _entry("alpha-key", "nested-quantifier", "alpha_pattern", r"((.)+)+Y", "LD210",
-           _key("alpha_pattern", r"((.)+)+Y", 32)),
-    _entry("layers-pattern", "alternation", "layers_pattern", r"(.|..|...)*Q", "LD210",
-           _layers(r"(.|..|...)*Q")),
-    _entry("modules-to-save", "alternation", "modules_to_save", r"(.|..|...)*Q", "LD210",
-           _saved(r"(.|..|...)*Q")),
-    _entry("huge-alternation", "huge", "target_modules", HUGE_PATTERN, "LD210",
-           _target(HUGE_PATTERN)),
-    _entry("unclosed-group", "invalid", "target_modules", r"(q_proj|v_proj", "LD202",
-           _target(r"(q_proj|v_proj")),
-    _entry("nothing-to-repeat", "invalid", "target_modules", r"*_proj", "LD202",
-           _target(r"*_proj")),
+           r"(m|mo|o|d|de|e|l|el|a|y|ye|s|r|er|\.|\d|_|\w)*#", "LD210"),
+    _entry("polynomial-repeat", "polynomial", "target_modules", r"(.*?.){12}Z", "LD210"),
+    _entry("exclude-word-dot", "nested-quantifier", "exclude_modules", r"(\w+\.?)+!", "LD210"),
+    _entry("rank-key", "alternation", "rank_pattern", r"(.|..|...)*X", "LD210"),
+    _entry("alpha-key", "nested-quantifier", "alpha_pattern", r"((.)+)+Y", "LD210"),
+    _entry("layers-pattern", "alternation", "layers_pattern", r"(.|..|...)*Q", "LD210"),
+    _entry("modules-to-save", "alternation", "modules_to_save", r"(.|..|...)*Q", "LD210"),
+    _entry("huge-alternation", "huge", "target_modules", HUGE_PATTERN, "LD210"),
+    _entry("unclosed-group", "invalid", "target_modules", r"(q_proj|v_proj", "LD202"),
+    _entry("nothing-to-repeat", "invalid", "target_modules", r"*_proj", "LD202"),
     # \p{..} is valid for the `regex` package but not for `re`, which peft uses.
-    _entry("unicode-property", "invalid", "target_modules", r"\p{L}+_proj", "LD202",
-           _target(r"\p{L}+_proj")),
-    _entry("bad-range-key", "invalid", "rank_pattern", r"[z-a]_proj", "LD203",
-           _key("rank_pattern", r"[z-a]_proj", 4)),
-    _entry("idx-redefined", "invalid", "layers_pattern", r"(?P<idx>layers)", "LD202",
-           _layers(r"(?P<idx>layers)")),
+    _entry("unicode-property", "invalid", "target_modules", r"\p{L}+_proj", "LD202"),
+    _entry("bad-range-key", "invalid", "rank_pattern", r"[z-a]_proj", "LD203"),
+    _entry("idx-redefined", "invalid", "layers_pattern", r"(?P<idx>layers)", "LD202"),
 ]
 
 CATASTROPHIC = [p for p in PATTERNS if p.expect == "LD210"]
