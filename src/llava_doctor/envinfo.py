@@ -231,8 +231,7 @@ def run_env_checks(ctx: EnvContext) -> tuple[list[Finding], list[CheckOutcome]]:
                                      status=CheckStatus.failed if hits else CheckStatus.passed))
         for h in hits:
             target = str(h.evidence.get("run", ENV_TARGET))
-            consumer = ctx.options.consumer or Consumer.llava
-            sev = h.severity_for(consumer) or spec.severity_for(consumer)
+            sev = h.severity_for(ctx.facts.consumer) or spec.severity_for(ctx.facts.consumer)
             out.append(Finding(code=code, name=spec.name, severity=sev,
                                message=h.message,
                                path=str(h.path) if h.path is not None else None,
